@@ -1,0 +1,453 @@
+"""Dataset adapters: a root folder in, a deterministic list of volumes to process out.
+
+``3dseg8`` discovers every layout the Med3D 3DSeg-8 collection is assembled from (MSD task
+folders, LiTS-style files, BraTS-style case folders, MedicalNet list files and
+``images/`` + ``label/`` folders); ``nifti`` is any folder of NIfTI files; ``dicom`` any tree
+of DICOM series; ``msd`` one Decathlon task folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .volume_io import is_nifti_path
+
+# Known sub-datasets: (pattern in the lower-cased subset name) -> (modality, body region).
+KNOWN_SUBSETS: list[tuple[str, str, str]] = [
+    ("brats", "MR", "brain"),
+    ("braintumour", "MR", "brain"),
+    ("mrbrains", "MR", "brain"),
+    ("hippocampus", "MR", "brain"),
+    ("mni", "MR", "brain"),
+    ("brain", "MR", "brain"),
+    ("heart", "MR", "heart"),
+    ("prostate", "MR", "pelvis"),
+    ("lits", "CT", "abdomen"),
+    ("liver", "CT", "abdomen"),
+    ("lung", "CT", "chest"),
+    ("pancreas", "CT", "abdomen"),
+    ("hepaticvessel", "CT", "abdomen"),
+    ("hepatic", "CT", "abdomen"),
+    ("spleen", "CT", "abdomen"),
+    ("colon", "CT", "abdomen"),
+    ("kits", "CT", "abdomen"),
+    ("kidney", "CT", "abdomen"),
+]
+
+MR_SEQUENCE_NAMES = {"MRI", "MR", "T1", "T1W", "T1GD", "T1CE", "T2", "T2W", "FLAIR", "ADC", "DWI", "PD"}
+
+LITS_LABELS = {"1": "liver", "2": "liver tumour"}
+BRATS_LABELS = {"1": "necrotic tumour core", "2": "peritumoral edema", "3": "enhancing tumour", "4": "enhancing tumour"}
+BRATS_CHANNELS = ["flair", "t1", "t1ce", "t2"]
+LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_mask", "_gt", "-seg", "-label")
+LABEL_DIRS = ("labelsTr", "labels", "label", "masks", "mask", "segmentations", "seg")
+
+
+@dataclass
+class VolumeSpec:
+    """One source volume to process (a file, or a DICOM series)."""
+
+    dataset: str
+    subset: str
+    case_key: str  # raw case name; hashed before it reaches any manifest
+    source: Path
+    label: Path | None = None
+    kind: str = "nifti"  # nifti | dicom
+    modality: str | None = None
+    body_region: str | None = None
+    channel: int | None = None  # None: expand every channel of a 4D file
+    channel_names: dict[str, str] = field(default_factory=dict)
+    label_names: dict[str, str] = field(default_factory=dict)
+    series: Any = None  # curation.dicom.DicomSeries for kind == "dicom"
+    display_path: str = ""  # root-relative source path with identifiers scrubbed
+    error: str | None = None  # adapter-level problem (missing file...) recorded as an error row
+
+    def volume_id(self, channel: int | None) -> str:
+        key = f"{self.dataset}|{self.subset}|{self.display_path}|{channel}"
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        return f"{slug(self.subset)}-{digest}"
+
+    @property
+    def case_id(self) -> str:
+        return hashlib.sha256(f"{self.subset}|{self.case_key}".encode()).hexdigest()[:16]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "volume"
+
+
+def known_subset(name: str) -> tuple[str | None, str | None]:
+    low = re.sub(r"[^a-z0-9]", "", name.lower())
+    for pattern, modality, region in KNOWN_SUBSETS:
+        if pattern in low:
+            return modality, region
+    return None, None
+
+
+def normalise_modality(value: str | None) -> str | None:
+    if not value:
+        return None
+    up = value.strip().upper()
+    if up in ("CT", "CTA", "PET/CT"):
+        return "CT"
+    if up in MR_SEQUENCE_NAMES or up.startswith("MR") or up.startswith("T1") or up.startswith("T2"):
+        return "MR"
+    return up
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".mgz", ".mgh", ".img"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti_path(p))
+
+
+# --------------------------------------------------------------------------- MSD
+
+
+def msd_task(task_dir: Path, root: Path, dataset: str = "msd") -> list[VolumeSpec]:
+    """A Medical Segmentation Decathlon task folder (imagesTr, labelsTr, dataset.json)."""
+    info_path = task_dir / "dataset.json"
+    info: dict[str, Any] = {}
+    if info_path.exists():
+        try:
+            info = json.loads(info_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            info = {}
+    subset = task_dir.name
+    mod_field = info.get("modality") or info.get("channel_names") or {}
+    channel_names = {str(k): str(v) for k, v in mod_field.items()} if isinstance(mod_field, dict) else {}
+    modality = None
+    for v in channel_names.values():
+        modality = normalise_modality(v) or modality
+    known_mod, region = known_subset(subset)
+    modality = modality or known_mod
+    labels = {str(k): str(v) for k, v in (info.get("labels") or {}).items() if str(k) != "0"}
+    labels = {k: v for k, v in labels.items() if v.lower() != "background"}
+
+    pairs: list[tuple[Path, Path | None]] = []
+    listed = info.get("training") or []
+    if listed:
+        for item in listed:
+            if isinstance(item, dict) and item.get("image"):
+                img = (task_dir / item["image"]).resolve()
+                lab = (task_dir / item["label"]).resolve() if item.get("label") else None
+                pairs.append((img, lab))
+    else:
+        label_dir = task_dir / "labelsTr"
+        for img in _nifti_files(task_dir / "imagesTr"):
+            lab = _msd_label_for(img, label_dir)
+            pairs.append((img, lab))
+    seen = {p for p, _ in pairs}
+    for img in _nifti_files(task_dir / "imagesTs"):
+        if img.resolve() not in seen:
+            pairs.append((img.resolve(), None))
+
+    specs = []
+    for img, lab in pairs:
+        stem = re.sub(r"_0000$", "", _stem(img))
+        multi = len(channel_names) > 1
+        specs.append(
+            VolumeSpec(
+                dataset=dataset,
+                subset=subset,
+                case_key=stem,
+                source=img,
+                label=lab,
+                modality=modality,
+                body_region=region,
+                channel=None if multi else 0,
+                channel_names=channel_names,
+                label_names=labels,
+                display_path=_rel(img, root),
+            )
+        )
+    return specs
+
+
+def _msd_label_for(img: Path, label_dir: Path) -> Path | None:
+    """nnU-Net style images end in _0000; their labels do not."""
+    for name in (img.name, re.sub(r"_0000(\.nii(\.gz)?)$", r"\1", img.name)):
+        cand = label_dir / name
+        if cand.exists():
+            return cand
+    return None
+
+
+# --------------------------------------------------------------------------- nifti folder
+
+
+def label_for(img: Path, label_roots: list[Path]) -> Path | None:
+    stem = _stem(img)
+    for root in label_roots:
+        for cand_stem in (stem, re.sub(r"_0000$", "", stem)):
+            for suffix in ("", *LABEL_SUFFIXES):
+                for ext in (".nii.gz", ".nii"):
+                    cand = root / f"{cand_stem}{suffix}{ext}"
+                    if cand.exists() and cand.resolve() != img.resolve():
+                        return cand
+    return None
+
+
+def _is_label_name(path: Path) -> bool:
+    stem = _stem(path).lower()
+    return stem.endswith(LABEL_SUFFIXES) or stem.startswith("segmentation")
+
+
+def nifti_folder(root: Path, dataset: str = "nifti", label_root: Path | None = None) -> list[VolumeSpec]:
+    """Every NIfTI file under ``root`` (recursively); labels from a sibling label folder,
+    ``--label-root``, or ``<stem>_seg``-style files beside the image."""
+    images = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and is_nifti_path(p)
+        and not _is_label_name(p)
+        and not any(part in LABEL_DIRS for part in p.relative_to(root).parts[:-1])
+    )
+    specs = []
+    for img in images:
+        roots = [img.parent]
+        if label_root is not None:
+            roots.insert(0, label_root)
+        for name in LABEL_DIRS:
+            roots.append(img.parent.parent / name)
+            roots.append(img.parent / name)
+        lab = label_for(img, roots)
+        subset = root.name if img.parent == root else img.parent.relative_to(root).parts[0]
+        mod, region = known_subset(subset)
+        specs.append(
+            VolumeSpec(
+                dataset=dataset,
+                subset=subset,
+                case_key=_stem(img),
+                source=img,
+                label=lab,
+                modality=mod,
+                body_region=region,
+                channel=None,
+                display_path=_rel(img, root),
+            )
+        )
+    return specs
+
+
+# --------------------------------------------------------------------------- 3DSeg-8
+
+
+def _lits(root: Path, skip: set[Path]) -> list[VolumeSpec]:
+    specs = []
+    for img in sorted(root.rglob("volume-*.nii*")):
+        if img.resolve() in skip or img.name.startswith("._"):
+            continue
+        num = re.sub(r"^volume-", "", _stem(img))
+        lab = None
+        for cand in img.parent.glob(f"segmentation-{num}.nii*"):
+            lab = cand
+        subset = "LiTS"
+        specs.append(
+            VolumeSpec(
+                dataset="3dseg8",
+                subset=subset,
+                case_key=f"volume-{num}",
+                source=img.resolve(),
+                label=lab.resolve() if lab else None,
+                modality="CT",
+                body_region="abdomen",
+                channel=0,
+                label_names=dict(LITS_LABELS),
+                display_path=_rel(img, root),
+            )
+        )
+    return specs
+
+
+def _brats(root: Path, skip: set[Path]) -> list[VolumeSpec]:
+    specs = []
+    for seg in sorted(root.rglob("*_seg.nii*")):
+        case_dir = seg.parent
+        case = case_dir.name
+        subset = case_dir.parent.name or "BraTS"
+        for ch, mod in enumerate(BRATS_CHANNELS):
+            files = [p for p in case_dir.glob(f"*_{mod}.nii*") if not p.name.startswith("._")]
+            if not files or files[0].resolve() in skip:
+                continue
+            img = files[0]
+            specs.append(
+                VolumeSpec(
+                    dataset="3dseg8",
+                    subset=subset if "brats" in subset.lower() else "BraTS",
+                    case_key=case,
+                    source=img.resolve(),
+                    label=seg.resolve(),
+                    modality="MR",
+                    body_region="brain",
+                    channel=ch,
+                    channel_names={str(ch): mod.upper()},
+                    label_names=dict(BRATS_LABELS),
+                    display_path=_rel(img, root),
+                )
+            )
+    return specs
+
+
+def _list_files(root: Path, skip: set[Path]) -> list[VolumeSpec]:
+    """MedicalNet-style list files: one ``image_path label_path`` line per case."""
+    specs = []
+    for txt in sorted(root.glob("*.txt")):
+        try:
+            lines = txt.read_text().splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        for line in lines:
+            parts = line.split()
+            if not parts or not parts[0].lower().endswith((".nii", ".nii.gz")):
+                continue
+            img = (root / parts[0]).resolve()
+            if img in skip:
+                continue
+            skip.add(img)
+            lab = (root / parts[1]).resolve() if len(parts) > 1 else None
+            subset = Path(parts[0]).parts[0] if len(Path(parts[0]).parts) > 1 else txt.stem
+            mod, region = known_subset(subset)
+            spec = VolumeSpec(
+                dataset="3dseg8",
+                subset=subset,
+                case_key=_stem(img),
+                source=img,
+                label=lab,
+                modality=mod,
+                body_region=region,
+                channel=None,
+                display_path=_rel(img, root),
+            )
+            if not img.exists():
+                spec.error = f"{img}: listed in {txt.name} but missing"
+            specs.append(spec)
+    return specs
+
+
+def _image_label_folders(root: Path, skip: set[Path]) -> list[VolumeSpec]:
+    """Sub-dataset folders with ``images/`` and ``label(s)/`` (MedicalNet's data layout)."""
+    specs = []
+    for images in sorted(p for p in root.rglob("images") if p.is_dir()):
+        subset = images.parent.name
+        mod, region = known_subset(subset)
+        label_roots = [images.parent / d for d in LABEL_DIRS]
+        for img in _nifti_files(images):
+            if img.resolve() in skip:
+                continue
+            skip.add(img.resolve())
+            specs.append(
+                VolumeSpec(
+                    dataset="3dseg8",
+                    subset=subset,
+                    case_key=_stem(img),
+                    source=img.resolve(),
+                    label=label_for(img, label_roots),
+                    modality=mod,
+                    body_region=region,
+                    channel=None,
+                    display_path=_rel(img, root),
+                )
+            )
+    return specs
+
+
+def seg8(root: Path) -> list[VolumeSpec]:
+    """Discover every 3DSeg-8 layout under ``root``; each image file is used once."""
+    specs: list[VolumeSpec] = []
+    task_dirs = sorted({p.parent for p in root.rglob("dataset.json")} | {p.parent for p in root.rglob("imagesTr")})
+    task_dirs = [d for d in task_dirs if (d / "imagesTr").is_dir()]
+    for task in task_dirs:
+        specs.extend(msd_task(task, root, dataset="3dseg8"))
+    skip = {s.source.resolve() for s in specs}
+    task_roots = [d.resolve() for d in task_dirs]
+
+    def outside_tasks(spec: VolumeSpec) -> bool:
+        return not any(str(spec.source).startswith(str(t) + "/") for t in task_roots)
+
+    for finder in (_list_files, _lits, _brats, _image_label_folders):
+        found = [s for s in finder(root, skip) if outside_tasks(s)]
+        skip |= {s.source.resolve() for s in found}
+        specs.extend(found)
+    return specs
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def dicom_tree(root: Path, dataset: str = "dicom") -> tuple[list[VolumeSpec], list[tuple[Path, str]]]:
+    """Every image series under ``root``; unreadable files are returned as (path, reason)."""
+    from .dicom import find_series
+
+    found = find_series(root)
+    series_list, problems = (found if isinstance(found, tuple) else (found, []))
+    specs = []
+    for series in series_list:
+        first = Path(series.files[0]).parent
+        rel = _rel(first, root)
+        for token in getattr(series, "patient_tokens", []) or []:
+            token = str(token).strip()
+            if len(token) >= 3:
+                rel = rel.replace(token, hashlib.sha256(token.encode()).hexdigest()[:8])
+        modality = normalise_modality(series.modality)
+        specs.append(
+            VolumeSpec(
+                dataset=dataset,
+                subset=dataset,
+                case_key=series.series_key,
+                source=first,
+                kind="dicom",
+                modality=modality,
+                body_region=None,
+                channel=0,
+                series=series,
+                display_path=f"{rel}#{series.series_key[:12]}",
+            )
+        )
+    return specs, list(problems)
+
+
+def discover(dataset: str, root: Path, label_root: Path | None = None) -> tuple[list[VolumeSpec], list[tuple[Path, str]]]:
+    """Volumes of ``dataset`` under ``root`` in a deterministic order, plus unreadable files."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset root is not a folder")
+    finders: dict[str, Callable[[], list[VolumeSpec]]] = {
+        "3dseg8": lambda: seg8(root),
+        "nifti": lambda: nifti_folder(root, label_root=label_root),
+        "msd": lambda: msd_task(root, root, dataset="msd"),
+    }
+    if dataset == "dicom":
+        specs, problems = dicom_tree(root)
+    elif dataset in finders:
+        specs, problems = finders[dataset](), []
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; choose from 3dseg8, nifti, dicom, msd")
+    for spec in specs:
+        if spec.error is None and spec.kind == "nifti" and not spec.source.exists():
+            spec.error = f"{spec.source}: image file is missing"
+        if spec.error is None and spec.label is not None and not spec.label.exists():
+            spec.error = f"{spec.label}: label file is missing"
+    specs.sort(key=lambda s: (s.subset, s.display_path, -1 if s.channel is None else s.channel))
+    return specs, problems

@@ -1,0 +1,270 @@
+"""Volume preprocessing (Med3DInsight §3.1): RAS, isotropic, [0,1], cube, grid^3.
+
+Both outputs are made straight from the source voxels with one interpolation each:
+
+- the *training volume*: the data box padded to a cube of side L mm (L = largest extent) and
+  resampled to ``grid^3`` (voxel size L/grid), intensities in [0, 1], float16;
+- the *display volume*: the data box at ``spacing`` mm isotropic, windowed for viewing, uint8.
+
+Axis-aligned sources (any permutation/flip of RAS, the common case) are reoriented exactly
+by transposes and flips (no interpolation), then resized with antialiasing on the axes that
+shrink. Oblique or sheared sources (double-oblique MR, tilted-gantry CT) are resampled from
+the source affine directly onto the RAS-aligned target grids (trilinear; labels nearest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .volume_io import VolumeError
+
+# Display windows (HU) for CT by body region: what a radiologist would look at first.
+CT_DISPLAY_WINDOWS: dict[str, tuple[float, float]] = {
+    "brain": (0.0, 80.0),
+    "head": (0.0, 80.0),
+    "chest": (-1000.0, 400.0),
+    "lung": (-1000.0, 400.0),
+    "abdomen": (-160.0, 240.0),
+    "pelvis": (-160.0, 240.0),
+    "default": (-160.0, 240.0),
+}
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Preprocessing parameters; one place for their defaults."""
+
+    grid_size: int = 128
+    spacing: float = 1.0  # display volume voxel size (mm)
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)  # training volume HU window
+    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    max_display_dim: int = 640  # cap on display voxels per axis (spacing grows beyond it)
+    foreground_level: float = 0.05  # a pixel counts as foreground above this normalised value
+
+    def fingerprint(self) -> dict:
+        return {
+            "grid_size": self.grid_size,
+            "spacing": self.spacing,
+            "ct_window": list(self.ct_window),
+            "mr_percentiles": list(self.mr_percentiles),
+            "max_display_dim": self.max_display_dim,
+            "foreground_level": self.foreground_level,
+            "algo": 1,
+        }
+
+
+@dataclass
+class Preprocessed:
+    volume: np.ndarray  # (G, G, G) float16 in [0, 1], RAS
+    label: np.ndarray | None  # (G, G, G) uint8/int16, RAS
+    display: np.ndarray  # (X, Y, Z) uint8, RAS, display_spacing mm
+    cube_mm: float
+    display_spacing: list[float]
+    display_offset: list[int]  # padding (display voxels) placing the display box in the cube
+    intensity_window: list[float]
+    display_window: list[float]
+    meta: dict = field(default_factory=dict)
+
+
+def _is_axis_aligned(affine: np.ndarray, tol: float = 1e-4) -> bool:
+    rzs = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    return bool(np.all((np.abs(rzs) < tol) | (np.abs(np.abs(rzs) - 1) < tol)))
+
+
+def clean_intensities(data: np.ndarray, name: str) -> np.ndarray:
+    """float32 copy with NaN/inf replaced by the minimum finite value; errors on empty input."""
+    arr = np.asarray(data, dtype=np.float32)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        if not finite.any():
+            raise VolumeError(f"{name}: every voxel is NaN or infinite")
+        arr = np.where(finite, arr, np.min(arr[finite]))
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi - lo < 1e-6:
+        raise VolumeError(f"{name}: empty volume (all voxels equal {lo:g})")
+    return arr
+
+
+def intensity_window(arr: np.ndarray, modality: str, cfg: PreprocessConfig) -> list[float]:
+    """Training window: a fixed HU window for CT, foreground percentiles for everything else."""
+    if modality == "CT":
+        return [float(cfg.ct_window[0]), float(cfg.ct_window[1])]
+    return percentile_window(arr, cfg.mr_percentiles)
+
+
+def percentile_window(arr: np.ndarray, pcts: tuple[float, float]) -> list[float]:
+    step = max(1, int(round((arr.size / 2_000_000) ** (1 / 3))))
+    sample = arr[::step, ::step, ::step].ravel()
+    lo_all = sample.min()
+    fg = sample[sample > lo_all]  # MR background is the minimum (usually 0)
+    if fg.size < 100:
+        fg = sample
+    lo, hi = np.percentile(fg, pcts)
+    if hi - lo < 1e-6:
+        lo, hi = float(sample.min()), float(sample.max())
+    return [float(lo), float(hi)]
+
+
+def display_window(arr: np.ndarray, modality: str, body_region: str | None, cfg: PreprocessConfig) -> list[float]:
+    if modality == "CT":
+        region = (body_region or "default").lower()
+        lo, hi = CT_DISPLAY_WINDOWS.get(region, CT_DISPLAY_WINDOWS["default"])
+        return [lo, hi]
+    return percentile_window(arr, cfg.mr_percentiles)
+
+
+def _resize_axis(t: torch.Tensor, axis: int, m: int) -> torch.Tensor:
+    """1D antialiased linear resize of one axis (used for the axes that shrink)."""
+    n = t.shape[axis]
+    t = t.movedim(axis, 0)
+    shape = t.shape
+    flat = t.reshape(1, 1, n, -1)
+    out = F.interpolate(flat, size=(m, flat.shape[-1]), mode="bilinear", align_corners=False, antialias=True)
+    return out.reshape(m, *shape[1:]).movedim(0, axis)
+
+
+def resize3d(arr: np.ndarray, out_shape: tuple[int, int, int], order: int = 1) -> np.ndarray:
+    """Resize so that the voxel-edge boxes coincide (align_corners=False semantics).
+
+    Linear: axes that shrink are antialiased 1D passes first (cheap: they reduce the data),
+    then one trilinear pass for the axes that grow. Trilinear is separable, so this is a
+    single linear interpolation per axis. ``order=0`` is nearest neighbour (labels).
+    """
+    out_shape = tuple(int(v) for v in out_shape)
+    if tuple(arr.shape) == out_shape:
+        return arr
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    if order == 0:
+        src = t.to(torch.float32)[None, None]
+        out = F.interpolate(src, size=out_shape, mode="nearest-exact")[0, 0]
+        return out.numpy().astype(arr.dtype)
+    t = t.to(torch.float32)
+    for axis in range(3):
+        if out_shape[axis] < t.shape[axis]:
+            t = _resize_axis(t, axis, out_shape[axis])
+    if tuple(t.shape) != out_shape:
+        t = F.interpolate(t[None, None], size=out_shape, mode="trilinear", align_corners=False)[0, 0]
+    return t.contiguous().numpy()
+
+
+def _resample_oblique(
+    data: np.ndarray, src_affine: np.ndarray, out_affine: np.ndarray, out_shape: tuple[int, ...], order: int, cval: float
+) -> np.ndarray:
+    """Pull target voxels from source voxels through the affines (one interpolation)."""
+    mapping = np.linalg.inv(src_affine) @ out_affine
+    return ndimage.affine_transform(
+        data, mapping[:3, :3], offset=mapping[:3, 3], output_shape=out_shape, order=order, mode="constant", cval=cval
+    )
+
+
+@dataclass
+class _Geometry:
+    box_min: np.ndarray  # world (RAS mm) corner of the data box
+    extent: np.ndarray  # mm per axis
+    aligned: bool
+
+
+def _geometry(shape: tuple[int, ...], affine: np.ndarray) -> _Geometry:
+    n = np.asarray(shape[:3], dtype=np.float64)
+    corners = np.array([[i, j, k] for i in (-0.5, n[0] - 0.5) for j in (-0.5, n[1] - 0.5) for k in (-0.5, n[2] - 0.5)])
+    world = corners @ affine[:3, :3].T + affine[:3, 3]
+    lo, hi = world.min(axis=0), world.max(axis=0)
+    return _Geometry(box_min=lo, extent=hi - lo, aligned=_is_axis_aligned(affine))
+
+
+def preprocess(
+    data: np.ndarray,
+    affine: np.ndarray,
+    modality: str,
+    cfg: PreprocessConfig,
+    label: np.ndarray | None = None,
+    body_region: str | None = None,
+    name: str = "volume",
+) -> Preprocessed:
+    """Turn one 3D source array + voxel->RAS affine into training, label and display volumes."""
+    if data.ndim != 3:
+        raise VolumeError(f"{name}: expected a 3D array, got shape {tuple(data.shape)}")
+    if min(data.shape) < 2:
+        raise VolumeError(f"{name}: 2D image (shape {tuple(data.shape)}), not a volume")
+    if label is not None and tuple(label.shape[:3]) != tuple(data.shape):
+        raise VolumeError(f"{name}: label shape {tuple(label.shape)} does not match image shape {tuple(data.shape)}")
+    arr = clean_intensities(data, name)
+    win = intensity_window(arr, modality, cfg)
+    dwin = display_window(arr, modality, body_region, cfg)
+    G = cfg.grid_size
+    geo = _geometry(arr.shape, affine)
+    if geo.aligned:
+        ornt = nib.orientations.io_orientation(affine)
+        arr = nib.orientations.apply_orientation(arr, ornt)
+        if label is not None:
+            label = nib.orientations.apply_orientation(np.asarray(label), ornt)
+    ext = geo.extent
+    L = float(ext.max())
+    s = L / G
+    n_train = np.maximum(1, np.round(ext / s)).astype(int)
+    n_train = np.minimum(n_train, G)
+    pad = (G - n_train) // 2
+    d = max(cfg.spacing, L / cfg.max_display_dim)
+    n_disp = np.maximum(1, np.round(ext / d)).astype(int)
+    fill = float(arr.min())
+
+    if geo.aligned:
+        train = resize3d(arr, tuple(n_train))
+        disp = resize3d(arr, tuple(n_disp))
+        lab = resize3d(np.asarray(label), tuple(n_train), order=0) if label is not None else None
+    else:
+        def grid_affine(n: np.ndarray) -> np.ndarray:
+            sp = ext / n
+            out = np.diag([*sp, 1.0])
+            out[:3, 3] = geo.box_min + sp / 2
+            return out
+
+        train = _resample_oblique(arr, affine, grid_affine(n_train), tuple(n_train), 1, fill)
+        disp = _resample_oblique(arr, affine, grid_affine(n_disp), tuple(n_disp), 1, fill)
+        lab = (
+            _resample_oblique(np.asarray(label), affine, grid_affine(n_train), tuple(n_train), 0, 0)
+            if label is not None
+            else None
+        )
+
+    vol = np.zeros((G, G, G), dtype=np.float16)
+    sl = tuple(slice(p, p + n) for p, n in zip(pad, n_train))
+    vol[sl] = np.clip((train - win[0]) / (win[1] - win[0]), 0.0, 1.0).astype(np.float16)
+    lab_out = None
+    if lab is not None:
+        lab = np.rint(np.asarray(lab)).astype(np.int64)
+        if lab.min() < 0:
+            raise VolumeError(f"{name}: label volume has negative values")
+        dtype = np.uint8 if lab.max() < 256 else np.int16
+        lab_out = np.zeros((G, G, G), dtype=dtype)
+        lab_out[sl] = lab.astype(dtype)
+    display = np.clip((disp - dwin[0]) / (dwin[1] - dwin[0]) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    disp_spacing = [float(v) for v in ext / n_disp]
+    # Offset of the display box inside the cube, in display voxels (cube canvas = L / spacing).
+    disp_offset = [int(round(p * s / dsp)) for p, dsp in zip(pad, disp_spacing)]
+    return Preprocessed(
+        volume=vol,
+        label=lab_out,
+        display=display,
+        cube_mm=L,
+        display_spacing=disp_spacing,
+        display_offset=disp_offset,
+        intensity_window=win,
+        display_window=dwin,
+        meta={"aligned": geo.aligned},
+    )
+
+
+def guess_modality(arr: np.ndarray) -> str:
+    """Last-resort guess when nothing names the modality: CT stores air near -1000 HU."""
+    sample = np.asarray(arr[::4, ::4, ::4], dtype=np.float32)
+    finite = sample[np.isfinite(sample)]
+    if finite.size and np.percentile(finite, 1) < -500:
+        return "CT"
+    return "MR"

@@ -1,0 +1,104 @@
+"""`curate sample-data`: a small real dataset from volumes that installed packages ship.
+
+Layout written under ``out``::
+
+    3dseg8/Task90_MNI152/           MSD task: nilearn's MNI152 T1 template, labels from its
+        dataset.json, imagesTr/, labelsTr/   grey/white-matter and brain masks (1 GM, 2 WM, 3 CSF)
+    3dseg8/BrainMR_nibabel/images/  nibabel's test volumes (a 3D LAS MR and a 4D 2-volume file)
+    3dseg8/train.txt                MedicalNet-style list file naming the nibabel images
+    dicom/emri/                     pydicom-data's enhanced multi-frame MR (emri_small.dcm)
+    dicom/series_*/                 pydicom's classic single-frame MR series (dicomdirtests)
+
+Nothing is downloaded: every file comes from site-packages.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+def _site_file(module: str, *parts: str) -> Path:
+    import importlib
+
+    mod = importlib.import_module(module)
+    return Path(mod.__file__).parent.joinpath(*parts)
+
+
+def write_mni_task(out: Path, resolution: int = 2) -> Path:
+    """MSD-style task folder from nilearn's MNI152 template and tissue masks."""
+    from nilearn import datasets as nd
+
+    task = out / "Task90_MNI152"
+    (task / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (task / "labelsTr").mkdir(parents=True, exist_ok=True)
+    t1 = nd.load_mni152_template(resolution=resolution)
+    gm = np.asarray(nd.load_mni152_gm_mask(resolution=resolution).dataobj) > 0
+    wm = np.asarray(nd.load_mni152_wm_mask(resolution=resolution).dataobj) > 0
+    brain = np.asarray(nd.load_mni152_brain_mask(resolution=resolution).dataobj) > 0
+    label = np.zeros(t1.shape, dtype=np.uint8)
+    label[brain] = 3
+    label[wm] = 2
+    label[gm & ~wm] = 1
+    img = nib.Nifti1Image(np.asarray(t1.dataobj).astype(np.float32), t1.affine)
+    img.set_qform(t1.affine, code=1)
+    img.set_sform(t1.affine, code=1)
+    nib.save(img, task / "imagesTr" / "mni152_001.nii.gz")
+    lab = nib.Nifti1Image(label, t1.affine)
+    lab.set_qform(t1.affine, code=1)
+    lab.set_sform(t1.affine, code=1)
+    nib.save(lab, task / "labelsTr" / "mni152_001.nii.gz")
+    info = {
+        "name": "MNI152",
+        "description": "nilearn's MNI152 (ICBM 2009a symmetric) T1 template with tissue masks as labels",
+        "modality": {"0": "MRI"},
+        "labels": {"0": "background", "1": "grey matter", "2": "white matter", "3": "cerebrospinal fluid"},
+        "numTraining": 1,
+        "training": [{"image": "./imagesTr/mni152_001.nii.gz", "label": "./labelsTr/mni152_001.nii.gz"}],
+        "test": [],
+    }
+    (task / "dataset.json").write_text(json.dumps(info, indent=2))
+    return task
+
+
+def write_nibabel_subset(out: Path) -> Path:
+    sub = out / "BrainMR_nibabel" / "images"
+    sub.mkdir(parents=True, exist_ok=True)
+    data_dir = _site_file("nibabel", "tests", "data")
+    for name in ("anatomical.nii", "example4d.nii.gz"):
+        shutil.copyfile(data_dir / name, sub / name)
+    lines = [f"BrainMR_nibabel/images/{n}" for n in ("anatomical.nii", "example4d.nii.gz")]
+    (out / "train.txt").write_text("\n".join(lines) + "\n")
+    return sub
+
+
+def write_dicom_samples(out: Path) -> Path:
+    """Copies of real DICOM objects shipped by pydicom and pydicom-data."""
+    out.mkdir(parents=True, exist_ok=True)
+    emri = out / "emri"
+    emri.mkdir(exist_ok=True)
+    src = _site_file("data_store", "data", "emri_small.dcm")
+    if src.exists():
+        shutil.copyfile(src, emri / "emri_small.dcm")
+    tests = _site_file("pydicom", "data", "test_files", "dicomdirtests")
+    for k, series in enumerate(sorted(p for p in tests.glob("*/MR*") if p.is_dir())):
+        dst = out / f"series_{k + 1}"
+        dst.mkdir(exist_ok=True)
+        for f in sorted(series.iterdir()):
+            shutil.copyfile(f, dst / f"{f.name}.dcm")
+    return out
+
+
+def make_sample_data(out: str | Path, resolution: int = 2) -> dict[str, Path]:
+    """Build the whole sample dataset; returns the roots to pass to `curate slice`."""
+    out = Path(out)
+    seg8 = out / "3dseg8"
+    seg8.mkdir(parents=True, exist_ok=True)
+    write_mni_task(seg8, resolution=resolution)
+    write_nibabel_subset(seg8)
+    dicom = write_dicom_samples(out / "dicom")
+    return {"3dseg8": seg8, "dicom": dicom}

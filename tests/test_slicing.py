@@ -1,0 +1,315 @@
+"""`curate slice` end to end on tiny phantoms: orientation invariance, bad input, resume, shards."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import phantom_ras, ras_affine, reorient, save_nifti, write_msd_task
+from curation.manifest import read_manifest, read_metadata
+from curation.preprocess import PreprocessConfig
+from curation.render import render_png, render_slices
+from curation.slicing import SliceConfig, load_display, merge_shards, run_slice
+
+G = 32
+
+
+def cfg_for(workdir: Path, **kw) -> SliceConfig:
+    return SliceConfig(workdir=workdir, pre=PreprocessConfig(grid_size=G, spacing=1.0), **kw)
+
+
+def quiet(*_a, **_k) -> None:
+    pass
+
+
+def test_same_slices_in_every_orientation(tmp_path: Path, phantom):
+    data, label = phantom
+    aff = ras_affine()
+    root = tmp_path / "data"
+    for codes in ("RAS", "LAS", "LPS", "ASR", "PIL"):
+        d, a = reorient(data, aff, codes)
+        lab, _ = reorient(label, aff, codes)
+        assert nib.aff2axcodes(a) == tuple(codes)
+        save_nifti(root / "images" / f"ph_{codes}.nii.gz", d, a)
+        save_nifti(root / "labels" / f"ph_{codes}.nii.gz", lab.astype(np.uint8), a)
+    summary = run_slice("nifti", root, cfg_for(tmp_path / "w"), log=quiet)
+    assert summary.processed == 5 and summary.errors == 0
+    vols = read_manifest(tmp_path / "w/manifests/volumes.parquet")
+    slices = read_manifest(tmp_path / "w/manifests/slices.parquet")
+    assert set(vols["source_axcodes"]) == {"RAS", "LAS", "LPS", "ASR", "PIL"}
+    arrays = [np.load(tmp_path / "w" / p) for p in vols["volume_path"]]
+    labels = [np.load(tmp_path / "w" / p) for p in vols["label_volume_path"]]
+    displays = [load_display(tmp_path / "w" / p) for p in vols["display_path"]]
+    for a, lb, dsp in zip(arrays[1:], labels[1:], displays[1:]):
+        np.testing.assert_array_equal(a, arrays[0])
+        np.testing.assert_array_equal(lb, labels[0])
+        np.testing.assert_array_equal(dsp, displays[0])
+    cols = ["plane", "index", "position", "foreground_fraction", "mean_intensity", "labels_present"]
+    per_vol = [g[cols].reset_index(drop=True) for _, g in slices.groupby("volume_id")]
+    for other in per_vol[1:]:
+        pd.testing.assert_frame_equal(other, per_vol[0])
+    # and the rendered PNGs are byte-identical
+    pngs = {render_png(dsp, vols.iloc[i].to_dict(), "axial", G // 2, size=64) for i, dsp in enumerate(displays)}
+    assert len(pngs) == 1
+
+
+def test_geometry_cube_and_labels(tmp_path: Path, phantom):
+    data, label = phantom
+    aff = ras_affine(spacing=(1.5, 1.2, 2.0))
+    root = tmp_path / "data"
+    write_msd_task(root, "Task01_Phantom", {"ph_1": (data, aff, label)})
+    run_slice("msd", root / "Task01_Phantom", cfg_for(tmp_path / "w"), log=quiet)
+    vols = read_manifest(tmp_path / "w/manifests/volumes.parquet")
+    row = vols.iloc[0]
+    assert row["status"] == "ok" and row["modality"] == "CT"
+    extent = np.array(data.shape) * np.array([1.5, 1.2, 2.0])
+    assert row["cube_mm"] == pytest.approx(extent.max())
+    vol = np.load(tmp_path / "w" / row["volume_path"])
+    assert vol.shape == (G, G, G) and vol.dtype == np.float16
+    assert 0.0 <= float(vol.min()) and float(vol.max()) <= 1.0
+    # physical proportions survive: the data box (36 x 24 x 32 mm; 0 HU maps to 0.5) sits
+    # centred in a 36 mm cube, the padding is 0
+    fg = vol > 0.05
+    ext = [int(fg.any(axis=tuple(a for a in range(3) if a != ax)).sum()) for ax in range(3)]
+    assert ext == [G, round(24 / 36 * G), round(32 / 36 * G)]
+    assert fg[:, :, : (G - ext[2]) // 2].sum() == 0
+    # the right-anterior-superior blob stays right/anterior/superior after preprocessing
+    lab = np.load(tmp_path / "w" / row["label_volume_path"])
+    com = np.argwhere(lab == 1).mean(axis=0)
+    assert (com > G / 2).all()
+    com2 = np.argwhere(lab == 2).mean(axis=0)
+    assert com2[0] < G / 2 and com2[1] < G / 2
+    slices = read_manifest(tmp_path / "w/manifests/slices.parquet")
+    assert set(slices["plane"]) == {"axial", "coronal", "sagittal"}
+    top = slices[(slices["plane"] == "axial") & (slices["index"] == int(round(com[2])))]
+    assert "blob" in top["labels_present"].iloc[0]
+    assert slices["slice_id"].str.match(r"^task01_phantom-[0-9a-f]{12}:(axial|coronal|sagittal):\d+$").all()
+    meta = read_metadata(tmp_path / "w/manifests/slices.parquet")
+    assert meta["schema_version"] == "1" and "command" in meta
+
+
+def test_radiological_display_convention(tmp_path: Path, phantom):
+    data, label = phantom
+    root = tmp_path / "data"
+    save_nifti(root / "ph.nii.gz", data, ras_affine(spacing=(1.0, 1.0, 1.0)))
+    run_slice("nifti", root, cfg_for(tmp_path / "w"), log=quiet)
+    vols = read_manifest(tmp_path / "w/manifests/volumes.parquet")
+    v = vols.iloc[0].to_dict()
+    dsp = load_display(tmp_path / "w" / v["display_path"])
+    from curation.render import slice_canvas
+
+    # Axial slice through the RAS blob (x, y, z > 0): patient right -> image left, anterior -> top.
+    img = slice_canvas(dsp, v, "axial", int(G * 0.7))
+    bright = np.argwhere(img == img.max()).mean(axis=0)
+    assert bright[0] < img.shape[0] / 2, "anterior should be at the top"
+    assert bright[1] < img.shape[1] / 2, "patient right should be on the image left"
+    img = slice_canvas(dsp, v, "coronal", int(G * 0.68))
+    bright = np.argwhere(img == img.max()).mean(axis=0)
+    assert bright[0] < img.shape[0] / 2 and bright[1] < img.shape[1] / 2  # superior top, right on left
+    img = slice_canvas(dsp, v, "sagittal", int(G * 0.72))
+    bright = np.argwhere(img == img.max()).mean(axis=0)
+    assert bright[0] < img.shape[0] / 2 and bright[1] < img.shape[1] / 2  # superior top, anterior left
+
+
+def _write_bad_inputs(root: Path, data: np.ndarray) -> dict[str, Path]:
+    aff = ras_affine()
+    good = save_nifti(root / "good.nii.gz", data, aff)
+    raw = gzip.compress(nib.Nifti1Image(data, aff).to_bytes())
+    trunc = root / "truncated.nii.gz"
+    trunc.write_bytes(raw[: len(raw) // 2])
+    junk = root / "notanimage.nii.gz"
+    junk.write_bytes(b"this is not a nifti file at all\n" * 20)
+    flat = save_nifti(root / "flat2d.nii.gz", data[:, :, :1], aff)
+    empty = save_nifti(root / "empty.nii.gz", np.zeros_like(data), aff)
+    nan = save_nifti(root / "allnan.nii.gz", np.full_like(data, np.nan), aff)
+    return {"good": good, "trunc": trunc, "junk": junk, "flat": flat, "empty": empty, "nan": nan}
+
+
+def test_bad_inputs_are_recorded_and_the_rest_goes_on(tmp_path: Path, phantom):
+    data, _ = phantom
+    root = tmp_path / "data"
+    files = _write_bad_inputs(root, data)
+    lines: list[str] = []
+    summary = run_slice("nifti", root, cfg_for(tmp_path / "w"), log=lines.append)
+    assert summary.processed == 1 and summary.errors == 5
+    vols = read_manifest(tmp_path / "w/manifests/volumes.parquet").set_index("source_path")
+    assert vols.loc["good.nii.gz", "status"] == "ok"
+    for key in ("trunc", "junk", "flat", "empty", "nan"):
+        row = vols.loc[files[key].name]
+        assert row["status"] == "error"
+        assert files[key].name in row["error"] and "\n" not in row["error"]
+    assert "2D" in vols.loc["flat2d.nii.gz", "error"]
+    assert "empty" in vols.loc["empty.nii.gz", "error"]
+    assert "NaN" in vols.loc["allnan.nii.gz", "error"]
+    assert sum(1 for ln in lines if ln.startswith("error:")) == 5
+
+
+def test_partial_nan_is_cleaned(tmp_path: Path, phantom):
+    data, _ = phantom
+    data = data.copy()
+    data[0, 0, :] = np.nan
+    save_nifti(tmp_path / "d" / "partnan.nii.gz", data, ras_affine())
+    s = run_slice("nifti", tmp_path / "d", cfg_for(tmp_path / "w"), log=quiet)
+    assert s.processed == 1
+    vol = np.load(tmp_path / "w" / read_manifest(tmp_path / "w/manifests/volumes.parquet")["volume_path"][0])
+    assert np.isfinite(vol.astype(np.float32)).all()
+
+
+def test_missing_label_file_is_an_error_row(tmp_path: Path, phantom):
+    data, label = phantom
+    aff = ras_affine()
+    task = write_msd_task(tmp_path / "d", "Task02_Two", {"a_1": (data, aff, label), "a_2": (data, aff, label)})
+    (task / "labelsTr" / "a_2.nii.gz").unlink()
+    s = run_slice("msd", task, cfg_for(tmp_path / "w"), log=quiet)
+    assert s.processed == 1 and s.errors == 1
+    vols = read_manifest(tmp_path / "w/manifests/volumes.parquet")
+    err = vols[vols["status"] == "error"]["error"].iloc[0]
+    assert "a_2.nii.gz" in err and "label" in err
+
+
+def test_cli_exit_codes(tmp_path: Path, phantom):
+    from typer.testing import CliRunner
+
+    from curation.cli import app
+
+    data, _ = phantom
+    root = tmp_path / "data"
+    _write_bad_inputs(root, data)
+    runner = CliRunner()
+    args = ["slice", "--dataset", "nifti", "--root", str(root), "--workdir", str(tmp_path / "w"), "--grid-size", str(G)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "errors" in res.output
+    res = runner.invoke(app, [*args, "--strict"])
+    assert res.exit_code == 1
+    (root / "good.nii.gz").unlink()
+    res = runner.invoke(app, [*args[:-4], "--workdir", str(tmp_path / "w2"), "--grid-size", str(G)])
+    assert res.exit_code == 1  # nothing succeeded
+
+
+def _tree_digest(workdir: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted((workdir / "volumes").rglob("*")):
+        if p.is_file() and p.suffix in (".npy", ".zst"):
+            out[p.relative_to(workdir).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _make_cases(root: Path, n: int = 4) -> None:
+    cases = {}
+    for k in range(n):
+        data, label = phantom_ras(seed=k)
+        cases[f"case_{k}"] = (np.roll(data, k, axis=0), ras_affine(), np.roll(label, k, axis=0))
+    write_msd_task(root, "Task03_Many", cases)
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path: Path):
+    _make_cases(tmp_path / "d")
+    task = tmp_path / "d" / "Task03_Many"
+    full = run_slice("msd", task, cfg_for(tmp_path / "full"), log=quiet)
+    assert full.processed == 4
+    # "interrupted": only half the volumes got done, then a leftover temp file from a kill
+    part = run_slice("msd", task, cfg_for(tmp_path / "res", shard=(0, 2)), log=quiet)
+    assert part.processed == 2
+    lines: list[str] = []
+    resumed = run_slice("msd", task, cfg_for(tmp_path / "res"), log=lines.append)
+    assert resumed.skipped == 2 and resumed.processed == 2
+    assert any("resuming" in ln for ln in lines)
+    assert _tree_digest(tmp_path / "full") == _tree_digest(tmp_path / "res")
+    for name in ("volumes.parquet", "slices.parquet"):
+        a = read_manifest(tmp_path / "full/manifests" / name)
+        b = read_manifest(tmp_path / "res/manifests" / name)
+        pd.testing.assert_frame_equal(a, b)
+    again = run_slice("msd", task, cfg_for(tmp_path / "res"), log=quiet)
+    assert again.skipped == 4 and again.processed == 0
+
+
+def test_shards_then_merge_equal_single_run(tmp_path: Path):
+    _make_cases(tmp_path / "d", n=3)
+    task = tmp_path / "d" / "Task03_Many"
+    run_slice("msd", task, cfg_for(tmp_path / "one"), log=quiet)
+    for i in range(2):
+        run_slice("msd", task, cfg_for(tmp_path / "sh", shard=(i, 2)), log=quiet)
+    assert not (tmp_path / "sh/manifests/volumes.parquet").exists()
+    merge_shards(tmp_path / "sh")
+    for name in ("volumes.parquet", "slices.parquet"):
+        a = read_manifest(tmp_path / "one/manifests" / name)
+        b = read_manifest(tmp_path / "sh/manifests" / name)
+        pd.testing.assert_frame_equal(a, b)
+
+
+def test_workers_match_serial(tmp_path: Path):
+    _make_cases(tmp_path / "d", n=2)
+    task = tmp_path / "d" / "Task03_Many"
+    run_slice("msd", task, cfg_for(tmp_path / "s"), log=quiet)
+    run_slice("msd", task, cfg_for(tmp_path / "p", workers=2), log=quiet)
+    assert _tree_digest(tmp_path / "s") == _tree_digest(tmp_path / "p")
+
+
+def test_4d_multichannel_gives_one_volume_per_channel(tmp_path: Path, phantom):
+    data, label = phantom
+    four = np.stack([data, data * 0.5 + 10], axis=-1)
+    task = write_msd_task(
+        tmp_path / "d", "Task01_BrainTumour", {"b_1": (four, ras_affine(), label)}, modality={"0": "FLAIR", "1": "T1w"}
+    )
+    s = run_slice("msd", task, cfg_for(tmp_path / "w"), log=quiet)
+    assert s.processed == 2
+    vols = read_manifest(tmp_path / "w/manifests/volumes.parquet").sort_values("channel")
+    assert list(vols["channel_name"]) == ["FLAIR", "T1w"]
+    assert set(vols["modality"]) == {"MR"} and vols["case_id"].nunique() == 1
+    again = run_slice("msd", task, cfg_for(tmp_path / "w"), log=quiet)
+    assert again.skipped == 1 and again.processed == 0
+
+
+def test_3dseg8_discovers_every_layout(tmp_path: Path, phantom):
+    data, label = phantom
+    aff = ras_affine()
+    root = tmp_path / "3dseg8"
+    write_msd_task(root, "Task09_Spleen", {"spleen_1": (data, aff, label)})
+    save_nifti(root / "LiTS" / "volume-0.nii", data - 1000, aff)
+    save_nifti(root / "LiTS" / "segmentation-0.nii", label, aff)
+    case = root / "BraTS2020" / "BraTS20_Training_001"
+    for mod in ("flair", "t1", "t1ce", "t2"):
+        save_nifti(case / f"BraTS20_Training_001_{mod}.nii.gz", data, aff)
+    save_nifti(case / "BraTS20_Training_001_seg.nii.gz", label, aff)
+    save_nifti(root / "MRBrainS18" / "images" / "070.nii.gz", data, aff)
+    save_nifti(root / "MRBrainS18" / "label" / "070.nii.gz", label, aff)
+    save_nifti(root / "Heart" / "img" / "h1.nii.gz", data, aff)
+    (root / "train.txt").write_text("Heart/img/h1.nii.gz\n")
+    s = run_slice("3dseg8", root, cfg_for(tmp_path / "w"), log=quiet)
+    vols = read_manifest(tmp_path / "w/manifests/volumes.parquet")
+    assert s.errors == 0, vols["error"].dropna().tolist()
+    by_subset = vols.groupby("subset")["volume_id"].count().to_dict()
+    assert by_subset == {"BraTS2020": 4, "Heart": 1, "LiTS": 1, "MRBrainS18": 1, "Task09_Spleen": 1}
+    lits = vols[vols["subset"] == "LiTS"].iloc[0]
+    assert lits["modality"] == "CT" and lits["body_region"] == "abdomen"
+    brats = vols[vols["subset"] == "BraTS2020"]
+    assert set(brats["channel_name"]) == {"FLAIR", "T1", "T1CE", "T2"} and brats["case_id"].nunique() == 1
+    assert vols[vols["subset"] == "Heart"]["modality"].iloc[0] == "MR"
+    # no raw case names in ids
+    assert not vols["volume_id"].str.contains("BraTS20_Training_001").any()
+    assert not vols["case_id"].str.contains("spleen_1").any()
+
+
+def test_render_is_deterministic_and_recorded(tmp_path: Path, phantom):
+    data, _ = phantom
+    save_nifti(tmp_path / "d" / "ph.nii.gz", data, ras_affine())
+    run_slice("nifti", tmp_path / "d", cfg_for(tmp_path / "w", render_all=True, render_size=64), log=quiet)
+    vols = read_manifest(tmp_path / "w/manifests/volumes.parquet")
+    slices = read_manifest(tmp_path / "w/manifests/slices.parquet")
+    pngs = sorted((tmp_path / "w/cache/png/64").rglob("*.png"))
+    assert len(pngs) == len(slices)
+    first = {p: p.read_bytes() for p in pngs[:5]}
+    for p in first:
+        p.unlink()
+    out = render_slices(tmp_path / "w", slices.head(5), vols, size=64)
+    for rel, sha in zip(out["image_path"], out["image_sha256"]):
+        b = (tmp_path / "w" / rel).read_bytes()
+        assert hashlib.sha256(b).hexdigest() == sha
+    assert {p: p.read_bytes() for p in first} == first
