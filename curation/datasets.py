@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from .volume_io import is_nifti_path
 
@@ -41,6 +41,9 @@ KNOWN_SUBSETS: list[tuple[str, str, str]] = [
 
 MR_SEQUENCE_NAMES = {"MRI", "MR", "T1", "T1W", "T1GD", "T1CE", "T2", "T2W", "FLAIR", "ADC", "DWI", "PD"}
 
+# DICOM objects that carry pixels but are not images to slice (segmentations, dose grids...).
+NON_IMAGE_MODALITIES = {"SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "SR", "PR", "KO", "REG"}
+
 LITS_LABELS = {"1": "liver", "2": "liver tumour"}
 BRATS_LABELS = {"1": "necrotic tumour core", "2": "peritumoral edema", "3": "enhancing tumour", "4": "enhancing tumour"}
 BRATS_CHANNELS = ["flair", "t1", "t1ce", "t2"]
@@ -66,6 +69,7 @@ class VolumeSpec:
     series: Any = None  # curation.dicom.DicomSeries for kind == "dicom"
     display_path: str = ""  # root-relative source path with identifiers scrubbed
     error: str | None = None  # adapter-level problem (missing file...) recorded as an error row
+    scrub_tokens: list[str] = field(default_factory=list)  # patient identifiers to keep out of text
 
     def volume_id(self, channel: int | None) -> str:
         key = f"{self.dataset}|{self.subset}|{self.display_path}|{channel}"
@@ -396,20 +400,40 @@ def seg8(root: Path) -> list[VolumeSpec]:
 # --------------------------------------------------------------------------- DICOM
 
 
+def patient_tokens(series_list: Iterable[Any]) -> list[str]:
+    """Patient names/IDs seen in the headers, and their parts, longest first (for scrubbing)."""
+    found: set[str] = set()
+    for series in series_list:
+        for token in getattr(series, "patient_tokens", []) or []:
+            token = str(token).strip()
+            parts = [token, *re.split(r"[\^\s,]+", token)]
+            found |= {p for p in parts if len(p) >= 3}
+    return sorted(found, key=lambda t: (-len(t), t))
+
+
+def scrub(text: str, tokens: list[str]) -> str:
+    """Replace patient identifiers in paths and messages by a short hash."""
+    for token in tokens:
+        if token in text:
+            text = text.replace(token, "anon-" + hashlib.sha256(token.encode()).hexdigest()[:8])
+    return text
+
+
 def dicom_tree(root: Path, dataset: str = "dicom") -> tuple[list[VolumeSpec], list[tuple[Path, str]]]:
     """Every image series under ``root``; unreadable files are returned as (path, reason)."""
     from .dicom import find_series
 
     found = find_series(root)
-    series_list, problems = (found if isinstance(found, tuple) else (found, []))
+    tokens = patient_tokens(found)
+    problems = [(Path(scrub(str(p), tokens)), scrub(reason, tokens)) for p, reason in getattr(found, "skipped", [])]
     specs = []
-    for series in series_list:
+    for series in found:
+        if (series.modality or "").upper() in NON_IMAGE_MODALITIES:
+            folder = scrub(str(series.folder), tokens)
+            problems.append((Path(folder), f"{folder}: {series.modality} object, not an image volume"))
+            continue
         first = Path(series.files[0]).parent
-        rel = _rel(first, root)
-        for token in getattr(series, "patient_tokens", []) or []:
-            token = str(token).strip()
-            if len(token) >= 3:
-                rel = rel.replace(token, hashlib.sha256(token.encode()).hexdigest()[:8])
+        rel = scrub(_rel(first, root), tokens)
         modality = normalise_modality(series.modality)
         specs.append(
             VolumeSpec(
@@ -423,6 +447,7 @@ def dicom_tree(root: Path, dataset: str = "dicom") -> tuple[list[VolumeSpec], li
                 channel=0,
                 series=series,
                 display_path=f"{rel}#{series.series_key[:12]}",
+                scrub_tokens=tokens,
             )
         )
     return specs, list(problems)

@@ -7,7 +7,9 @@ Layout written under ``out``::
     3dseg8/BrainMR_nibabel/images/  nibabel's test volumes (a 3D LAS MR and a 4D 2-volume file)
     3dseg8/train.txt                MedicalNet-style list file naming the nibabel images
     dicom/emri/                     pydicom-data's enhanced multi-frame MR (emri_small.dcm)
-    dicom/series_*/                 pydicom's classic single-frame MR series (dicomdirtests)
+    dicom/ct5n/                     pydicom's classic single-frame CT series (dicomdirtests CT5N)
+    dicom/mni_sagittal_oblique/     the MNI152 template written as a double-oblique sagittal
+                                    MR series (shuffled files, disordered InstanceNumbers)
 
 Nothing is downloaded: every file comes from site-packages.
 """
@@ -84,13 +86,36 @@ def write_dicom_samples(out: Path) -> Path:
     src = _site_file("data_store", "data", "emri_small.dcm")
     if src.exists():
         shutil.copyfile(src, emri / "emri_small.dcm")
-    tests = _site_file("pydicom", "data", "test_files", "dicomdirtests")
-    for k, series in enumerate(sorted(p for p in tests.glob("*/MR*") if p.is_dir())):
-        dst = out / f"series_{k + 1}"
+    ct5n = _site_file("pydicom", "data", "test_files", "dicomdirtests", "98892001", "CT5N")
+    if ct5n.is_dir():
+        dst = out / "ct5n"
         dst.mkdir(exist_ok=True)
-        for f in sorted(series.iterdir()):
+        for f in sorted(ct5n.iterdir()):
             shutil.copyfile(f, dst / f"{f.name}.dcm")
     return out
+
+
+def write_mni_dicom(out: Path, resolution: int = 2) -> Path:
+    """nilearn's MNI152 template written as a sagittal, double-oblique MR series (shuffled
+    files, InstanceNumbers that disagree with position): a real volume with a hard geometry."""
+    from nilearn import datasets as nd
+
+    from .dicom_write import write_series
+
+    t1 = nd.load_mni152_template(resolution=resolution)
+    data = np.asarray(t1.dataobj).astype(np.float32)
+    data = np.round(data / max(float(data.max()), 1e-6) * 1000.0)
+    # Re-express as sagittal slices (slice axis = R) tilted 12 degrees about R and 8 about S.
+    sag = np.ascontiguousarray(np.transpose(data, (1, 2, 0)))  # (A, S, R)
+    aff = t1.affine[:, [1, 2, 0, 3]]
+    a, b = np.deg2rad(12.0), np.deg2rad(8.0)
+    rot_x = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    rot_z = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
+    oblique = aff.copy()
+    oblique[:3, :3] = rot_z @ rot_x @ aff[:3, :3]
+    dst = out / "mni_sagittal_oblique"
+    write_series(sag, oblique, dst, modality="MR", shuffle=True, instance_numbers="random", seed=7)
+    return dst
 
 
 def make_sample_data(out: str | Path, resolution: int = 2) -> dict[str, Path]:
@@ -101,4 +126,5 @@ def make_sample_data(out: str | Path, resolution: int = 2) -> dict[str, Path]:
     write_mni_task(seg8, resolution=resolution)
     write_nibabel_subset(seg8)
     dicom = write_dicom_samples(out / "dicom")
+    write_mni_dicom(dicom, resolution=2)
     return {"3dseg8": seg8, "dicom": dicom}

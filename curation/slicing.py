@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .datasets import VolumeSpec, discover, known_subset, normalise_modality
+from .datasets import VolumeSpec, discover, known_subset, normalise_modality, scrub
 from .manifest import PLANE_AXIS, PLANES, SLICES_SCHEMA, VOLUMES_SCHEMA, manifest_dir, read_manifest, write_manifest
 from .preprocess import PreprocessConfig, guess_modality, preprocess
 from .volume_io import VolumeError, load_nifti
@@ -210,7 +210,18 @@ def _base_record(spec: VolumeSpec, channel: int | None, cfg: SliceConfig) -> dic
 
 
 def process_volume(spec: VolumeSpec, cfg: SliceConfig, fp: str) -> list[dict[str, Any]]:
-    """Preprocess one source (all its channels) and write its folder(s). Never raises on bad input."""
+    """Preprocess one source (all its channels) and write its folder(s). Never raises on bad input.
+
+    Error lines name the file, with any patient identifier seen in DICOM headers scrubbed.
+    """
+    records = _process_volume(spec, cfg, fp)
+    for rec in records:
+        if rec.get("error"):
+            rec["error"] = scrub(rec["error"], spec.scrub_tokens)
+    return records
+
+
+def _process_volume(spec: VolumeSpec, cfg: SliceConfig, fp: str) -> list[dict[str, Any]]:
     workdir = Path(cfg.workdir)
     if spec.error:
         rec = _base_record(spec, spec.channel if spec.channel is not None else 0, cfg)

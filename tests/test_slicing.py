@@ -313,3 +313,59 @@ def test_render_is_deterministic_and_recorded(tmp_path: Path, phantom):
         b = (tmp_path / "w" / rel).read_bytes()
         assert hashlib.sha256(b).hexdigest() == sha
     assert {p: p.read_bytes() for p in first} == first
+
+
+def test_dicom_series_gives_the_same_slices_as_nifti(tmp_path: Path, phantom):
+    from curation.dicom_write import write_series
+
+    data, _ = phantom
+    aff = ras_affine(spacing=(1.0, 1.0, 2.0))
+    task = write_msd_task(tmp_path / "nii", "Task00_CT", {"ph": (data, aff, None)}, modality={"0": "CT"})
+    # LPS-stored axial series, files shuffled and InstanceNumbers disagreeing with position,
+    # under a folder named after the patient (as exported by many PACS)
+    lps, lps_aff = reorient(data, aff, "LPS")
+    write_series(lps, lps_aff, tmp_path / "dcm" / "DOE^JOHN_12345" / "s1", modality="CT", shuffle=True,
+                 instance_numbers="random", patient_name="DOE^JOHN", patient_id="12345")
+    (tmp_path / "dcm" / "DOE^JOHN_12345" / "notes.txt").write_text("not dicom")
+    run_slice("msd", task, cfg_for(tmp_path / "w1"), log=quiet)
+    lines: list[str] = []
+    s = run_slice("dicom", tmp_path / "dcm", cfg_for(tmp_path / "w2"), log=lines.append)
+    assert s.processed == 1
+    assert any("notes.txt" in ln for ln in lines)  # the junk file is named, the run goes on
+    v1 = read_manifest(tmp_path / "w1/manifests/volumes.parquet").iloc[0]
+    v2 = read_manifest(tmp_path / "w2/manifests/volumes.parquet").iloc[0]
+    assert v2["modality"] == "CT" and v2["source_axcodes"] == "LPS"
+    np.testing.assert_array_equal(np.load(tmp_path / "w1" / v1["volume_path"]), np.load(tmp_path / "w2" / v2["volume_path"]))
+    np.testing.assert_array_equal(load_display(tmp_path / "w1" / v1["display_path"]), load_display(tmp_path / "w2" / v2["display_path"]))
+    s1 = read_manifest(tmp_path / "w1/manifests/slices.parquet").drop(columns=["slice_id", "volume_id"])
+    s2 = read_manifest(tmp_path / "w2/manifests/slices.parquet").drop(columns=["slice_id", "volume_id"])
+    pd.testing.assert_frame_equal(s1, s2)
+    for path in (tmp_path / "w2/manifests").glob("*.parquet"):
+        blob = path.read_bytes()
+        assert b"DOE" not in blob and b"12345" not in blob and b"JOHN" not in blob
+    assert "DOE" not in "\n".join(lines)
+
+
+def test_sample_data_end_to_end_through_the_cli(tmp_path: Path):
+    """Real package-shipped volumes (nilearn MNI152 + masks, nibabel, pydicom) through the CLI."""
+    from typer.testing import CliRunner
+
+    from curation.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["sample-data", "--out", str(tmp_path / "data")])
+    assert res.exit_code == 0, res.output
+    w = str(tmp_path / "w")
+    res = runner.invoke(app, ["slice", "--dataset", "3dseg8", "--root", str(tmp_path / "data/3dseg8"), "--workdir", w, "--grid-size", "64"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["slice", "--dataset", "dicom", "--root", str(tmp_path / "data/dicom"), "--workdir", w, "--grid-size", "64"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["query", "SELECT dataset, count(*) AS n FROM volumes WHERE status = 'ok' GROUP BY 1 ORDER BY 1", "--workdir", w, "--format", "csv"])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines() == ["dataset,n", "3dseg8,4", "dicom,3"]
+    res = runner.invoke(app, ["query", "SELECT DISTINCT unnest(labels_present) AS l FROM slices ORDER BY 1", "--workdir", w, "--format", "json"])
+    assert "grey matter" in res.output and "white matter" in res.output
+    res = runner.invoke(app, ["stats", "--workdir", w])
+    assert res.exit_code == 0 and "axial" in res.output
+    res = runner.invoke(app, ["query", "SELEC nonsense", "--workdir", w])
+    assert res.exit_code == 2
