@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 app = typer.Typer(
-    help="Curate 3D CT/MRI volumes into slice data: sample-data, slice, merge, query, stats.",
+    help="Curate 3D CT/MRI volumes into slice data: sample-data, slice, merge, rank, caption, query, stats, report.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -167,6 +167,26 @@ def query_cmd(
         console.print(f"wrote {len(df)} rows to {output}")
     else:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+@app.command("report")
+def report_cmd(
+    workdir: Path = WorkdirOpt,
+    size: int = typer.Option(256, "--size", help="Thumbnail PNG size in pixels."),
+    max_volumes: Optional[int] = typer.Option(None, "--max-volumes", help="Only the first N volumes get pages."),
+) -> None:
+    """Write a static HTML gallery (reports/index.html): planes, chosen slices, captions, evaluation.
+
+    Opens from the file system with no server and no network.
+    """
+    from .report import build_report
+
+    try:
+        index = build_report(workdir, size=size, max_volumes=max_volumes)
+    except FileNotFoundError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    out.print(f"report: {index}")
 
 
 @app.command("stats")
