@@ -1,0 +1,314 @@
+"""Batch API flow: JSONL in, poll, output and error files back into the cache.
+
+Each JSONL file holds at most 50,000 requests and 200 MB; ``custom_id`` is the cache key, and
+results are joined by ``custom_id``, never by position. Local state (``batch_state.json``,
+written atomically) records each step *before* the next one starts: prepared -> uploaded
+(input file id) -> submitted (batch id, saved right after ``batches.create`` returns) ->
+ingested. A rerun after a crash resumes from the saved step: it polls a submitted batch instead
+of submitting again, and adopts a batch created from an uploaded file whose id was not yet
+saved (found by input file id), so no request is paid twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from captions.cache import CaptionCache
+from captions.client import (
+    MalformedResponse, RetryPolicy, call_with_retry, make_openai, parse_completion, redact,
+)
+from captions.cost import cost_usd
+
+log = logging.getLogger(__name__)
+
+MAX_REQUESTS_PER_FILE = 50_000
+MAX_BYTES_PER_FILE = 200 * 1024 * 1024
+ENDPOINT = "/v1/chat/completions"
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+STATE_NAME = "batch_state.json"
+
+
+@dataclass
+class BatchItem:
+    """One request to batch: its cache key and what the cache row needs besides the answer."""
+
+    key: str
+    slice_id: str
+    image_sha256: str
+    provider: str
+    model: str
+    prompt_version: str
+    params: dict[str, Any]
+
+
+@dataclass
+class BatchReport:
+    """What a submit/resume pass did."""
+
+    submitted_batches: int = 0
+    submitted_requests: int = 0
+    succeeded: int = 0
+    refused: int = 0
+    failed: int = 0
+    pending_requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    usd: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class BatchStore:
+    """Local batch state: a JSON list of entries plus per-batch JSONL and item files."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / STATE_NAME
+        data = json.loads(self.path.read_text()) if self.path.exists() else {"batches": []}
+        self.entries: list[dict[str, Any]] = data["batches"]
+
+    def save(self) -> None:
+        _atomic_write(self.path, json.dumps({"version": 1, "batches": self.entries}, indent=1))
+
+    def active(self) -> list[dict[str, Any]]:
+        return [e for e in self.entries if e["status"] != "ingested"]
+
+    def items(self, entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return json.loads((self.dir / entry["items_file"]).read_text())
+
+    def pending_keys(self) -> set[str]:
+        """Keys inside batches that are not ingested yet (must not be submitted again)."""
+        keys: set[str] = set()
+        for entry in self.active():
+            keys.update(self.items(entry))
+        return keys
+
+
+def status(directory: str | Path, *, api_key: str | None = None, base_url: str | None = None,
+           timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Pending (not yet ingested) batches from the local state; with ``api_key``, each one's
+    remote status is refreshed first (nothing is ingested or submitted)."""
+    store = BatchStore(directory)
+    if api_key and store.active():
+        asyncio.run(_refresh(store, api_key, base_url, timeout))
+    return [
+        {k: e.get(k) for k in ("local_id", "status", "batch_id", "remote_status", "n_requests",
+                               "request_counts", "created_at")}
+        for e in store.active()
+    ]
+
+
+async def _refresh(store: BatchStore, api_key: str, base_url: str | None, timeout: float) -> None:
+    client = make_openai(api_key, base_url, timeout)
+    try:
+        for entry in store.active():
+            if entry.get("batch_id"):
+                batch = await call_with_retry(lambda: client.batches.retrieve(entry["batch_id"]),
+                                              RetryPolicy(), api_key)
+                entry["remote_status"] = batch.status
+                entry["request_counts"] = batch.request_counts.model_dump() if batch.request_counts else None
+        store.save()
+    finally:
+        await client.close()
+
+
+def write_inputs(
+    store: BatchStore,
+    items: Iterable[BatchItem],
+    make_body: Callable[[BatchItem], dict[str, Any]],
+    *,
+    max_requests: int = MAX_REQUESTS_PER_FILE,
+    max_bytes: int = MAX_BYTES_PER_FILE,
+) -> list[dict[str, Any]]:
+    """Write JSONL files within the limits; register each as a 'prepared' entry (saved)."""
+    entries: list[dict[str, Any]] = []
+    fh = None
+    size = 0
+    meta: dict[str, dict[str, Any]] = {}
+
+    def close() -> None:
+        nonlocal fh
+        if fh is None:
+            return
+        fh.close()
+        entry = entries[-1]
+        entry["n_requests"] = len(meta)
+        _atomic_write(store.dir / entry["items_file"], json.dumps(meta))
+        store.entries.append(entry)
+        store.save()
+        fh = None
+
+    for item in items:
+        line = (json.dumps({"custom_id": item.key, "method": "POST", "url": ENDPOINT,
+                            "body": make_body(item)}, separators=(",", ":")) + "\n").encode()
+        if len(line) > max_bytes:
+            raise ValueError(f"one batch request is larger than {max_bytes} bytes: {item.slice_id}")
+        if fh is not None and (len(meta) >= max_requests or size + len(line) > max_bytes):
+            close()
+        if fh is None:
+            local_id = uuid.uuid4().hex[:12]
+            entries.append({"local_id": local_id, "status": "prepared", "input_file": f"{local_id}.jsonl",
+                            "items_file": f"{local_id}.items.json",
+                            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat()})
+            fh = open(store.dir / f"{local_id}.jsonl", "wb")
+            size, meta = 0, {}
+        fh.write(line)
+        size += len(line)
+        meta[item.key] = {"slice_id": item.slice_id, "image_sha256": item.image_sha256,
+                          "provider": item.provider, "model": item.model,
+                          "prompt_version": item.prompt_version, "params": item.params}
+    close()
+    return entries
+
+
+async def _create(client: openai.AsyncOpenAI, store: BatchStore, entry: dict[str, Any],
+                  policy: RetryPolicy, secret: str | None) -> None:
+    """Advance a 'prepared' or 'uploaded' entry to 'submitted', saving after each step."""
+    if entry["status"] == "prepared":
+        path = store.dir / entry["input_file"]
+        uploaded = await call_with_retry(
+            lambda: client.files.create(file=(path.name, path.read_bytes(), "application/jsonl"),
+                                        purpose="batch"), policy, secret)
+        entry.update(status="uploaded", input_file_id=uploaded.id)
+        store.save()
+    if entry["status"] == "uploaded":
+        # A crash between batches.create and the save below leaves a batch we do not know:
+        # find it by its input file before creating another.
+        batch = None
+        listing = await call_with_retry(lambda: client.batches.list(limit=100), policy, secret)
+        for candidate in listing.data:
+            if candidate.input_file_id == entry["input_file_id"]:
+                batch = candidate
+                break
+        if batch is None:
+            batch = await call_with_retry(
+                lambda: client.batches.create(input_file_id=entry["input_file_id"], endpoint=ENDPOINT,
+                                              completion_window="24h",
+                                              metadata={"local_id": entry["local_id"]}),
+                policy, secret)
+        entry.update(status="submitted", batch_id=batch.id, remote_status=batch.status)
+        store.save()  # first thing after creation: a rerun now polls instead of resubmitting
+
+
+def _row(key: str, meta: dict[str, Any], body: dict[str, Any], request_id: str | None) -> dict[str, Any]:
+    answer = parse_completion(body)
+    model = answer.model or meta["model"]
+    return {
+        "key": key, "slice_id": meta["slice_id"], "image_sha256": meta["image_sha256"],
+        "provider": meta["provider"], "text": answer.text, "model": model,
+        "prompt_version": meta["prompt_version"], "params": meta["params"],
+        "finish_reason": answer.finish_reason, "refused": answer.refused,
+        "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+        "cost_usd": cost_usd(meta["model"], answer.prompt_tokens, answer.completion_tokens, batch=True),
+        "request_id": request_id or answer.request_id, "mode": "batch",
+    }
+
+
+async def _ingest(client: openai.AsyncOpenAI, store: BatchStore, entry: dict[str, Any],
+                  cache: CaptionCache, report: BatchReport, policy: RetryPolicy,
+                  secret: str | None) -> None:
+    """Download output and error files, join by custom_id, commit rows, mark ingested."""
+    meta = store.items(entry)
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for file_key in ("output_file_id", "error_file_id"):
+        file_id = entry.get(file_key)
+        if not file_id:
+            continue
+        content = await call_with_retry(lambda: client.files.content(file_id), policy, secret)
+        for raw in content.text.splitlines():
+            if not raw.strip():
+                continue
+            record = json.loads(raw)
+            key = record.get("custom_id")
+            if key not in meta or key in seen:
+                log.warning("batch %s: ignoring unknown or repeated custom_id", entry["local_id"])
+                continue
+            seen.add(key)
+            response = record.get("response") or {}
+            if response.get("status_code") == 200 and not record.get("error"):
+                try:
+                    rows.append(_row(key, meta[key], response.get("body") or {}, response.get("request_id")))
+                    continue
+                except MalformedResponse:
+                    pass
+            report.failed += 1
+            if len(report.errors) < 5:
+                error = record.get("error") or (response.get("body") or {}).get("error") or {}
+                report.errors.append(redact(str(error.get("message") or error)[:200], secret))
+    for i in range(0, len(rows), 1000):
+        cache.put_many(rows[i : i + 1000])
+    for row in rows:
+        report.refused += int(row["refused"])
+        report.succeeded += int(not row["refused"])
+        report.prompt_tokens += row["prompt_tokens"]
+        report.completion_tokens += row["completion_tokens"]
+        report.usd += row["cost_usd"] or 0.0
+    missing = len(meta) - len(seen)
+    report.failed += missing  # expired or cancelled before they ran: resubmitted next time
+    entry.update(status="ingested", n_succeeded=len(rows), n_missing=missing)
+    store.save()
+
+
+async def advance(
+    client: openai.AsyncOpenAI,
+    store: BatchStore,
+    cache: CaptionCache,
+    *,
+    wait: bool,
+    poll_interval: float,
+    policy: RetryPolicy,
+    secret: str | None = None,
+    report: BatchReport | None = None,
+    on_poll: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> BatchReport:
+    """Drive every unfinished entry forward: create, poll, ingest. ``wait=False`` polls once."""
+    report = report or BatchReport()
+    for entry in store.active():
+        if entry["status"] in ("prepared", "uploaded"):
+            await _create(client, store, entry, policy, secret)
+            report.submitted_batches += 1
+            report.submitted_requests += entry["n_requests"]
+    while True:
+        for entry in store.active():
+            batch = await call_with_retry(lambda: client.batches.retrieve(entry["batch_id"]), policy, secret)
+            counts = batch.request_counts.model_dump() if batch.request_counts else None
+            changed = (batch.status, counts) != (entry.get("remote_status"), entry.get("request_counts"))
+            entry.update(remote_status=batch.status, request_counts=counts,
+                         output_file_id=batch.output_file_id, error_file_id=batch.error_file_id)
+            if batch.status in TERMINAL:
+                await _ingest(client, store, entry, cache, report, policy, secret)
+            elif changed:
+                store.save()
+        active = store.active()
+        if on_poll is not None:
+            on_poll(active)
+        if not active or not wait:
+            report.pending_requests = sum(e["n_requests"] for e in active)
+            return report
+        await asyncio.sleep(poll_interval)

@@ -1,0 +1,184 @@
+"""Captioning units: prompts, cache, cost rules, retry hints, refusals, offline captioner."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sqlite3
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from caption_driver import make_requests  # noqa: E402
+
+from captions import cost  # noqa: E402
+from captions.cache import CaptionCache, cache_key  # noqa: E402
+from captions.client import detect_refusal, redact, retry_after_hint  # noqa: E402
+from captions.engine import CaptionRequest, lookup, run_captions  # noqa: E402
+from captions.offline import offline_caption  # noqa: E402
+from captions.prompts import (  # noqa: E402
+    FALLBACK_PROMPT_VERSION, PROMPT_VERSION, build_messages, position_word, prompt_digest,
+)
+
+
+def write_pngs(folder: Path, n: int) -> Path:
+    """n tiny PNGs with distinct bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("L", (16 + i // 200, 16), (i * 37) % 256).save(folder / f"img{i:03d}.png")
+    return folder
+
+
+CTX = {"modality": "CT", "plane": "axial", "position": 0.8, "body_region": "abdomen",
+       "labels_present": ["liver", "right_kidney", "background"], "dataset": "3dseg8"}
+
+
+def test_messages_carry_pixels_and_coarse_context_only(tmp_path):
+    png = tmp_path / "patient_john_doe_123.png"
+    Image.new("L", (8, 8), 7).save(png)
+    req = CaptionRequest("MRN123456:axial:40", png, "ab" * 32, CTX)
+    messages = build_messages(req, png.read_bytes(), "high")
+    text = json.dumps(messages)
+    assert "MRN123456" not in text and "john_doe" not in text and str(tmp_path) not in text
+    assert "3dseg8" not in text  # dataset name is metadata, not image content
+    image = messages[1]["content"][1]["image_url"]
+    assert image["url"].startswith("data:image/png;base64,") and image["detail"] == "high"
+    user = messages[1]["content"][0]["text"]
+    assert "upper" in user and "liver, right kidney" in user and "background" not in user
+    assert messages[0]["role"] == "system" and messages[0]["content"]
+
+
+def test_prompt_versions_and_digests_differ():
+    assert PROMPT_VERSION != FALLBACK_PROMPT_VERSION
+    assert prompt_digest(CTX) != prompt_digest(CTX, FALLBACK_PROMPT_VERSION)
+    # Fine position changes inside one coarse level do not change what is asked.
+    assert prompt_digest({**CTX, "position": 0.80}) == prompt_digest({**CTX, "position": 0.95})
+    assert prompt_digest({**CTX, "position": 0.5}) != prompt_digest(CTX)
+    assert position_word("sagittal", 0.1) == "left" and position_word("coronal", 0.9) == "anterior"
+
+
+def test_cache_key_covers_every_component():
+    base = ("a" * 64, "openai", "gpt-4o", "v1", {"detail": "low", "max_tokens": 300})
+    key = cache_key(*base)
+    assert key == cache_key(*base[:4], {"max_tokens": 300, "detail": "low"})  # order-free params
+    variants = [("b" * 64, *base[1:]), (base[0], "other", *base[2:]), (*base[:2], "gpt-4.1", *base[3:]),
+                (*base[:3], "v2", base[4]), (*base[:4], {"detail": "high", "max_tokens": 300})]
+    assert len({key, *(cache_key(*v) for v in variants)}) == 6
+
+
+def test_cache_is_wal_full_sync_durable_and_first_answer_wins(tmp_path):
+    path = tmp_path / "cache" / "captions.sqlite"
+    with CaptionCache(path) as cache:
+        assert cache.put({"key": "k1", "slice_id": "s1", "text": "first", "refused": False, "mode": "sync"})
+        assert not cache.put({"key": "k1", "slice_id": "s1", "text": "second", "mode": "sync"})
+        assert cache.put_many([{"key": f"k{i}", "text": str(i), "mode": "offline"} for i in range(2, 5)]) == 3
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+    with CaptionCache(path) as cache:
+        assert cache._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert cache.get("k1")["text"] == "first" and len(cache) == 4
+        assert cache.cached_keys(["k1", "k9", "k3"]) == {"k1", "k3"}
+        df = cache.to_dataframe()
+    assert {"key", "slice_id", "text", "model", "prompt_version", "finish_reason", "refused",
+            "prompt_tokens", "completion_tokens", "cost_usd", "request_id", "mode",
+            "created_at"} <= set(df.columns)
+    assert df["refused"].dtype == bool
+
+
+def test_image_token_rules():
+    # OpenAI's worked examples for the 512-px tile rule.
+    assert cost.image_tokens("gpt-4o", 1024, 1024, "high") == 765
+    assert cost.image_tokens("gpt-4o-2024-08-06", 2048, 4096, "high") == 1105
+    assert cost.image_tokens("gpt-4-vision-preview", 4096, 8192, "low") == 85
+    assert cost.image_tokens("gpt-4.1", 512, 512, "high") == 255  # small images are not upscaled
+    assert cost.image_tokens("gpt-4o-mini", 1024, 1024, "low") == 2833
+    assert cost.image_tokens("gpt-4o-mini-2024-07-18", 1024, 1024, "high") == 2833 + 4 * 5667
+    # 32-px patch rule: 1024x1024 = 1024 patches; 1800x2400 is capped to 1452 patches.
+    assert cost.image_tokens("gpt-4.1-mini", 1024, 1024) == 1659
+    assert cost.image_tokens("gpt-4.1-mini-2025-04-14", 1800, 2400) == 2353
+    assert cost.image_tokens("o4-mini", 1024, 1024) == 1762
+
+
+def test_prices_batch_discount_and_unknown_models(caplog):
+    assert cost.cost_usd("gpt-4o", 1_000_000, 0) == pytest.approx(2.5)
+    assert cost.cost_usd("gpt-4o-2024-05-13", 0, 1_000_000) == pytest.approx(15.0)
+    assert cost.cost_usd("gpt-4o-mini", 1_000_000, 1_000_000, batch=True) == pytest.approx(0.375)
+    with caplog.at_level(logging.WARNING):
+        assert cost.cost_usd("llava-next-local", 1000, 1000) is None
+        assert cost.image_tokens("llava-next-local", 1024, 1024, "high") == 765
+    assert "llava-next-local" in caplog.text
+    est = cost.estimate_request("gpt-4o", text_chars=400, width=512, height=512, detail="low", max_tokens=300)
+    assert est.input_tokens == 100 + 11 + 85 and est.output_tokens == 300
+    assert est.usd == pytest.approx((196 * 2.5 + 300 * 10) / 1e6)
+
+
+def _status_error(headers: dict[str, str], message: str = "rate limited"):
+    return types.SimpleNamespace(response=types.SimpleNamespace(headers=headers), message=message)
+
+
+def test_retry_after_hints():
+    assert retry_after_hint(_status_error({"retry-after-ms": "250"})) == pytest.approx(0.25)
+    assert retry_after_hint(_status_error({"retry-after": "2"})) == pytest.approx(2.0)
+    assert retry_after_hint(_status_error({}, "Limit 3. Please try again in 1.5s. Visit x")) == 1.5
+    assert retry_after_hint(_status_error({}, "try again in 20ms")) == pytest.approx(0.02)
+    assert retry_after_hint(_status_error({}, "Please try again in 6m0s.")) == 360.0
+    assert retry_after_hint(_status_error({}, "server error")) is None
+    assert retry_after_hint(ValueError("boom")) is None
+
+
+def test_refusal_detection():
+    assert detect_refusal("I'm sorry, but I can't help with that.", "stop")
+    assert detect_refusal("I\u2019m unable to provide a diagnosis.", "stop")
+    assert detect_refusal("", "stop") and detect_refusal("   ", "stop")
+    assert detect_refusal("Axial CT of the", "length")
+    assert detect_refusal("ok", "content_filter")
+    assert detect_refusal("", "stop", refusal="I can't assist with that.")
+    assert not detect_refusal("Axial CT slice at the level of the liver and spleen.", "stop")
+
+
+def test_redact_removes_keys():
+    text = redact("Incorrect API key provided: sk-test-SECRET123.\nAuthorization: Bearer abc", "sk-test-SECRET123")
+    assert "SECRET123" not in text and "abc" not in text and "\n" not in text
+
+
+def test_offline_captions_are_grounded_and_deterministic(tmp_path):
+    text = offline_caption(CTX)
+    assert text == offline_caption(dict(CTX))
+    assert text.startswith("Axial CT slice of the abdomen at the upper level")
+    assert "liver and right kidney" in text and "background" not in text
+    empty = offline_caption({"modality": "MR", "plane": "sagittal", "position": 0.5,
+                             "body_region": None, "labels_present": []})
+    assert empty.startswith("Sagittal MRI slice at the midline level") and "no annotated" in empty
+
+
+def test_offline_run_writes_cache_and_rerun_is_cached(tmp_path):
+    requests = make_requests(write_pngs(tmp_path / "png", 12))
+    cache = tmp_path / "captions.sqlite"
+    first = run_captions(requests, provider="offline", cache=cache, budget=10)
+    assert (first.sent, first.succeeded, first.over_budget, first.usd_actual) == (10, 10, 2, 0.0)
+    second = run_captions(requests, provider="offline", cache=cache)
+    assert (second.cached, second.sent) == (10, 2)
+    with CaptionCache(cache) as db:
+        rows = lookup(requests, cache=db, provider="offline")
+        assert set(rows) == {r.slice_id for r in requests}
+        assert {r["mode"] for r in rows.values()} == {"offline"}
+        assert all(r["cost_usd"] == 0.0 and not r["refused"] for r in rows.values())
+        req = requests[3]
+        assert rows[req.slice_id]["text"] == offline_caption(req.context)
+
+
+def test_duplicate_images_are_asked_once(tmp_path):
+    png = write_pngs(tmp_path / "png", 1) / "img000.png"
+    sha = hashlib.sha256(png.read_bytes()).hexdigest()
+    requests = [CaptionRequest(f"v{i}:axial:0", png, sha, CTX) for i in range(3)]
+    summary = run_captions(requests, provider="offline", cache=tmp_path / "c.sqlite")
+    assert (summary.sent, summary.duplicates) == (1, 2)
+    with CaptionCache(tmp_path / "c.sqlite") as db:
+        assert len(lookup(requests, cache=db, provider="offline")) == 3
