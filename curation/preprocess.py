@@ -201,7 +201,8 @@ def preprocess(
     geo = _geometry(arr.shape, affine)
     if geo.aligned:
         ornt = nib.orientations.io_orientation(affine)
-        arr = nib.orientations.apply_orientation(arr, ornt)
+        # one contiguous copy here instead of one per resize below
+        arr = np.ascontiguousarray(nib.orientations.apply_orientation(arr, ornt))
         if label is not None:
             label = nib.orientations.apply_orientation(np.asarray(label), ornt)
     ext = geo.extent
@@ -244,7 +245,7 @@ def preprocess(
         dtype = np.uint8 if lab.max() < 256 else np.int16
         lab_out = np.zeros((G, G, G), dtype=dtype)
         lab_out[sl] = lab.astype(dtype)
-    display = np.clip((disp - dwin[0]) / (dwin[1] - dwin[0]) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    display = _window_uint8(disp if disp is not arr else disp.copy(), dwin)
     disp_spacing = [float(v) for v in ext / n_disp]
     # Offset of the display box inside the cube, in display voxels (cube canvas = L / spacing).
     disp_offset = [int(round(p * s / dsp)) for p, dsp in zip(pad, disp_spacing)]
@@ -259,6 +260,15 @@ def preprocess(
         display_window=dwin,
         meta={"aligned": geo.aligned},
     )
+
+
+def _window_uint8(x: np.ndarray, win: list[float]) -> np.ndarray:
+    """Map [lo, hi] to 0..255 in place (x is a scratch float32 array), rounding to nearest."""
+    x -= win[0]
+    x *= 255.0 / (win[1] - win[0])
+    x += 0.5
+    np.clip(x, 0, 255, out=x)
+    return x.astype(np.uint8)
 
 
 def guess_modality(arr: np.ndarray) -> str:

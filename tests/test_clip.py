@@ -1,0 +1,204 @@
+"""`train clip` on a synthetic slice/caption set whose captions name a visible pattern.
+
+Offline by construction: a tiny open_clip config (training/configs/tiny-clip.json), random
+init, and a guard that fails any TCP connection attempt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import open_clip
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from curation.manifest import write_manifest
+from training.clip_models import register_tiny
+from training.clip_train import ClipTrainConfig, cosine_lr, train_clip
+from training.retrieval import dedupe_pairs, recall_at_k
+
+TINY = "training/configs/tiny-clip.json"
+ROOT = Path(__file__).resolve().parents[1]
+PLANES = ("axial", "coronal", "sagittal")
+
+
+def _pattern(plane: str, rng: np.random.Generator) -> np.ndarray:
+    """32x32 uint8 with a plane-specific bright structure, jittered in place and contrast:
+    a central disc (axial), an upper band (coronal), a left-hand bar (sagittal)."""
+    y, x = np.mgrid[0:32, 0:32]
+    dy, dx = rng.integers(-3, 4, size=2)
+    y, x = y + dy, x + dx
+    if plane == "axial":
+        on = (y - 16) ** 2 + (x - 16) ** 2 < 8 ** 2
+    elif plane == "coronal":
+        on = (y > 4) & (y < 14)
+    else:
+        on = (x > 4) & (x < 12)
+    lo, hi = rng.uniform(10, 60), rng.uniform(160, 240)
+    img = lo + (hi - lo) * on + rng.normal(0, 20, size=on.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_workdir(root: Path, cases: dict[str, str], per_plane: int = 8, seed: int = 0,
+                 caption=lambda plane, case, i: f"an {plane} slice") -> pd.DataFrame:
+    """Write PNGs and manifests/v1.parquet under ``root``; ``cases`` maps case_id -> split."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for case, split in cases.items():
+        volume_id = f"ds:{case}"
+        for plane_index, plane in enumerate(PLANES):
+            for i in range(per_plane):
+                rel = f"slices/{case}/{plane}_{i:03d}.png"
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(_pattern(plane, rng), mode="L").save(root / rel)
+                rows.append(dict(
+                    slice_id=f"{volume_id}:{plane}:{i}", volume_id=volume_id, case_id=case, plane=plane,
+                    plane_index=plane_index, index=i, image_path=rel,
+                    image_sha256=hashlib.sha256((root / rel).read_bytes()).hexdigest(),
+                    caption=caption(plane, case, i), refused=False, split=split,
+                ))
+    df = pd.DataFrame(rows)
+    write_manifest(df, root / "manifests" / "v1.parquet")
+    return df
+
+
+CASES = {**{f"c{i}": "train" for i in range(4)}, "v0": "val", "v1": "val"}
+
+
+def tiny_cfg(workdir: Path, **kw) -> ClipTrainConfig:
+    base = dict(workdir=workdir, manifest=Path("manifests/v1.parquet"), model=str(ROOT / TINY), epochs=5,
+                batch_size=16, lr=1e-3, wd=0.1, warmup=3, workers=0, precision="fp32", seed=0, device="cpu")
+    return ClipTrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_network():
+    """Fail loudly if anything (open_clip, its tokenizer, huggingface_hub) tries the network.
+
+    Also one intra-op thread: on 2 shared cores, torch's thread pool costs more than it gives.
+    """
+    real, threads = socket.socket.connect, torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def guarded(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            raise AssertionError(f"network access attempted: {address}")
+        return real(self, address)
+
+    socket.socket.connect = guarded
+    yield
+    socket.socket.connect = real
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One uninterrupted fine-tune of the tiny CLIP (shared by several tests)."""
+    workdir = tmp_path_factory.mktemp("clip")
+    make_workdir(workdir, CASES)
+    result = train_clip(tiny_cfg(workdir))
+    return workdir, result
+
+
+def test_recall_counts_duplicates_as_one():
+    # Three images of two captions: image 0 and 1 share caption "a".
+    first, texts, pos = dedupe_pairs(["i0", "i1", "i2", "i0"], ["a", "a", "b", "a"])
+    assert first == [0, 1, 2] and texts == ["a", "b"]
+    img = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    txt = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # "a" points where image 2 is: all wrong at k=1
+    m = recall_at_k(img, txt, pos, ks=(1, 2))
+    assert m["i2t_R@1"] == 0.0 and m["i2t_R@2"] == 1.0
+    assert m["t2i_R@1"] == 0.0 and m["t2i_R@2"] == 0.5  # "a": top2 = {2, 1} -> hit; "b": {0, 1} -> miss
+
+
+def test_cosine_schedule():
+    assert cosine_lr(0, 1.0, 4, 20) == pytest.approx(0.25)
+    assert cosine_lr(3, 1.0, 4, 20) == pytest.approx(1.0)
+    assert cosine_lr(12, 1.0, 4, 20) == pytest.approx(0.5)
+    assert cosine_lr(20, 1.0, 4, 20) == pytest.approx(0.0)
+
+
+def test_finetune_beats_base_model(trained):
+    workdir, result = trained
+    base, final = result.base_metrics, result.val_metrics
+    assert base["n_images"] == 48 and base["n_texts"] == 3
+    assert final["mean_R@1"] >= 0.85, final
+    assert final["mean_R@1"] >= base["mean_R@1"] + 0.4, (base, final)
+    lines = [json.loads(x) for x in (workdir / "checkpoints/clip/metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == list(range(6)) and lines[0]["kind"] == "base"
+    assert lines[-1]["val"]["i2t_R@1"] == final["i2t_R@1"]
+
+
+def test_final_checkpoint_loads_with_open_clip(trained):
+    workdir, result = trained
+    final = workdir / "checkpoints/clip/final.pt"
+    assert result.completed and result.final_checkpoint == final
+    ckpt = torch.load(final, weights_only=True)
+    assert ckpt["model"] == "tiny-clip" and ckpt["step"] == result.total_steps == 30
+    assert ckpt["model_cfg"]["embed_dim"] == 32 and "optimizer" not in ckpt
+    assert ckpt["fingerprint"] == result.fingerprint
+    assert (workdir / "checkpoints/clip/tiny-clip.json").is_file()  # sidecar for users elsewhere
+    register_tiny()
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-clip", pretrained=str(final))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["state_dict"][k]), k
+    assert {f"epoch_{i}.pt" for i in range(1, 6)} <= {p.name for p in (workdir / "checkpoints/clip").iterdir()}
+
+
+def test_resume_latest_matches_uninterrupted_run(trained, tmp_path):
+    """Stop at step 8 (mid-epoch 2), resume: same step count and same weights as one run,
+    here with a DataLoader worker against the reference's none."""
+    _, reference = trained
+    make_workdir(tmp_path, CASES)
+    first = train_clip(tiny_cfg(tmp_path, max_steps=8, workers=1))
+    assert (first.step, first.completed, first.final_checkpoint) == (8, False, None)
+    assert torch.load(tmp_path / "checkpoints/clip/latest.pt", weights_only=True)["step"] == 8
+    second = train_clip(tiny_cfg(tmp_path, resume="latest", workers=1))
+    assert second.step == 30 and second.completed
+    assert second.base_metrics == first.base_metrics  # carried over, not re-measured
+    assert second.fingerprint == reference.fingerprint
+    steps = [json.loads(x)["step"] for x in (tmp_path / "checkpoints/clip/metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 6, 12, 18, 24, 30]
+
+
+def test_lock_image_and_accum_freq(tmp_path):
+    """A locked tower does not move; accumulation 2 x 8 trains like batch 16 (one step per 2 batches)."""
+    make_workdir(tmp_path, CASES, per_plane=2)
+    cfg = tiny_cfg(tmp_path, epochs=1, batch_size=8, accum_freq=2, lock_image=True)
+    register_tiny()
+    torch.manual_seed(cfg.seed)
+    before = open_clip.create_model("tiny-clip")  # same seed -> same init as the run below
+    result = train_clip(cfg)
+    after = torch.load(result.latest_checkpoint, weights_only=True)
+    assert result.step == 1  # 24 pairs // 8 = 3 batches -> 1 step of 2 batches
+    for k, v in before.state_dict().items():
+        moved = not torch.equal(v, after["state_dict"][k])
+        assert moved == (not k.startswith("visual.")), k
+
+
+def test_accum_freq_gives_the_full_batch_gradient():
+    """Two accumulated chunks of 4 must give exactly the gradient of one batch of 8,
+    logit scale included (counted once, not once per chunk)."""
+    from training.clip_train import _train_step
+
+    register_tiny()
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-clip")
+    images, texts = torch.randn(8, 3, 32, 32), torch.randint(1, 400, (8, 32))
+    grads = []
+    for chunk in ([(images, texts)], [(images[:4], texts[:4]), (images[4:], texts[4:])]):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        _train_step(model, chunk, open_clip.ClipLoss(), opt, scaler, torch.device("cpu"), None, None)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)

@@ -1,0 +1,177 @@
+"""`train embed`: frozen-CLIP embeddings of every slice PNG and caption, computed once.
+
+Images are keyed by ``image_sha256``, captions by ``text_key(caption)``, and both live under
+the CLIP fingerprint (embed_store.py), so a rerun embeds only keys the store lacks: new or
+changed slices and captions; a different checkpoint is a new fingerprint and starts over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader
+
+from curation.manifest import read_manifest
+from training.clip_data import ImageFiles, resolve_manifest
+from training.clip_models import load_clip
+from training.embed_store import store_dir, text_key, write_meta, write_table
+
+FLUSH_ROWS = 16384  # rows per store write: bounds lost work on a crash, keeps rewrites rare
+
+
+@dataclass
+class EmbedSummary:
+    fingerprint: str
+    model: str
+    checkpoint: str
+    dim: int
+    images_computed: int
+    images_reused: int
+    texts_computed: int
+    texts_reused: int
+    seconds: float
+
+    @property
+    def computed(self) -> int:
+        return self.images_computed + self.texts_computed
+
+    @property
+    def reused(self) -> int:
+        return self.images_reused + self.texts_reused
+
+
+def _stored_keys(workdir: Path, fingerprint: str, kind: str) -> set[str]:
+    path = store_dir(workdir, fingerprint) / f"{kind}.parquet"
+    return set(pq.read_table(path, columns=["key"]).column("key").to_pylist()) if path.exists() else set()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+
+
+def _embed_in_batches(
+    keys: list[str], batches, embed_batch: Callable, workdir: Path, fingerprint: str, kind: str,
+    progress: Progress, label: str,
+) -> None:
+    """Embed, writing to the store every FLUSH_ROWS rows."""
+    task = progress.add_task(label, total=len(keys))
+    pending_keys: list[str] = []
+    pending: list[np.ndarray] = []
+    done = 0
+    for batch in batches:
+        emb = embed_batch(batch)
+        n = len(emb)
+        pending_keys += keys[done:done + n]
+        pending.append(emb)
+        done += n
+        progress.advance(task, n)
+        if len(pending_keys) >= FLUSH_ROWS:
+            write_table(workdir, fingerprint, kind, pending_keys, np.concatenate(pending))
+            pending_keys, pending = [], []
+    if pending_keys:
+        write_table(workdir, fingerprint, kind, pending_keys, np.concatenate(pending))
+
+
+def embed_manifest(
+    workdir: str | os.PathLike,
+    manifest: str | os.PathLike,
+    clip_checkpoint: str | os.PathLike,
+    batch_size: int = 64,
+    device: str | None = None,
+    model: str | None = None,
+    workers: int = 0,
+    log: Callable[[str], None] = print,
+) -> EmbedSummary:
+    """Embed the manifest's slice images and captions with a (frozen) CLIP into the store.
+
+    Args:
+        workdir: the workdir (image paths in the manifest are relative to it).
+        manifest: release manifest (image_path, image_sha256, caption, refused).
+        clip_checkpoint: a `train clip` checkpoint (e.g. checkpoints/clip/final.pt); with
+            ``model`` also an open_clip tag or weights file, or an ``hf-hub:`` id.
+        batch_size: images/captions per forward pass.
+        device: "cuda", "cpu", ...; None picks CUDA when available.
+        model: open_clip model name / config JSON, overriding the checkpoint's.
+        workers: DataLoader workers decoding PNGs.
+        log: where to print one-line messages.
+
+    Returns:
+        counts of computed and reused embeddings, the fingerprint and the time taken.
+    """
+    t0 = time.time()
+    workdir = Path(workdir)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    df = read_manifest(resolve_manifest(workdir, manifest))
+
+    images: dict[str, str] = {}  # image key -> path
+    for path, sha in zip(df["image_path"], df.get("image_sha256", [None] * len(df))):
+        if isinstance(path, str) and path:
+            key = sha if isinstance(sha, str) and sha else _file_sha256(workdir / path)
+            images.setdefault(key, str(workdir / path))
+    texts: dict[str, str] = {}  # text key -> caption
+    if "caption" in df.columns:
+        keep = df["caption"].notna()
+        if "refused" in df.columns:
+            keep &= ~df["refused"].fillna(False).astype(bool)
+        for caption in df.loc[keep, "caption"]:
+            if str(caption).strip():
+                texts.setdefault(text_key(str(caption)), str(caption))
+
+    clip = load_clip(clip_checkpoint, model=model, device=dev)
+    fp = clip.fingerprint
+    net = clip.model.eval()
+    amp = dict(device_type=dev.type, dtype=torch.float16, enabled=dev.type == "cuda")
+    have_img, have_txt = _stored_keys(workdir, fp, "image"), _stored_keys(workdir, fp, "text")
+    todo_img = sorted(k for k in images if k not in have_img)
+    todo_txt = sorted(k for k in texts if k not in have_txt)
+    log(f"embeddings/{fp} ({clip.name}): {len(todo_img)}/{len(images)} images and "
+        f"{len(todo_txt)}/{len(texts)} captions to embed")
+
+    @torch.no_grad()
+    def embed_images(pixels: torch.Tensor) -> np.ndarray:
+        with torch.autocast(**amp):
+            emb = net.encode_image(pixels.to(dev, non_blocking=True), normalize=True)
+        return emb.float().cpu().numpy()
+
+    @torch.no_grad()
+    def embed_texts(batch: list[str]) -> np.ndarray:
+        with torch.autocast(**amp):
+            emb = net.encode_text(clip.tokenizer(batch).to(dev), normalize=True)
+        return emb.float().cpu().numpy()
+
+    dim = int(clip.model_cfg["embed_dim"])
+    with _progress() as progress:
+        if todo_img:
+            loader = DataLoader(ImageFiles([images[k] for k in todo_img], clip.preprocess_val),
+                                batch_size=batch_size, num_workers=workers, pin_memory=dev.type == "cuda")
+            _embed_in_batches(todo_img, loader, embed_images, workdir, fp, "image", progress, "images")
+        if todo_txt:
+            captions = [texts[k] for k in todo_txt]
+            text_batches = (captions[i:i + batch_size] for i in range(0, len(captions), batch_size))
+            _embed_in_batches(todo_txt, text_batches, embed_texts, workdir, fp, "text", progress, "captions")
+    write_meta(workdir, fp, clip.name, str(clip_checkpoint), dim)
+    summary = EmbedSummary(
+        fingerprint=fp, model=clip.name, checkpoint=str(clip_checkpoint), dim=dim,
+        images_computed=len(todo_img), images_reused=len(images) - len(todo_img),
+        texts_computed=len(todo_txt), texts_reused=len(texts) - len(todo_txt),
+        seconds=time.time() - t0,
+    )
+    log(f"embedded {summary.computed} (reused {summary.reused}) in {summary.seconds:.1f}s -> embeddings/{fp}")
+    return summary
