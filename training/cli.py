@@ -34,7 +34,12 @@ def _manifest(workdir: Path, manifest: Path) -> Path:
 def _metrics_line(metrics: dict | None) -> str:
     if not metrics:
         return "-"
-    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return str(int(v)) if v.is_integer() and abs(v) >= 1 else f"{v:.3f}"
+        return str(v)
+
+    return ", ".join(f"{k} {fmt(v)}" for k, v in metrics.items())
 
 
 @app.command("clip")
@@ -122,6 +127,107 @@ def embed_cmd(
     table.add_row("time", f"{s.seconds:.1f} s")
     table.add_row("store", str(workdir / "embeddings" / s.fingerprint))
     out.print(table)
+
+
+def _parse_kwargs(items: list[str]) -> dict:
+    """--encoder-arg hidden_size=64 -> {"hidden_size": 64} (values parsed as JSON when they can be)."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise typer.BadParameter(f"--encoder-arg takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+        if isinstance(out[key], list):
+            out[key] = tuple(out[key])
+    return out
+
+
+@app.command("pretrain")
+def pretrain_cmd(
+    workdir: Path = WorkdirOpt,
+    manifest: str = typer.Option("manifests/v1.parquet", "--manifest", help="Release manifest (path, or name under manifests/)."),
+    encoder: str = typer.Option("vit", "--encoder", help="vit (MONAI ViT / UNETR encoder) | swin (SwinUNETR Swin-ViT) | cnn (3D ResNet)."),
+    encoder_arg: list[str] = typer.Option([], "--encoder-arg", help="Encoder size overrides, KEY=VALUE (e.g. hidden_size=384)."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Encoder input side (default: the manifest grid, 128)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Total optimizer steps (overrides --epochs)."),
+    epochs: int = typer.Option(300, "--epochs"),
+    batch_size: int = typer.Option(32, "--batch-size", help="Per process."),
+    lr: float = typer.Option(1e-4, "--lr"),
+    wd: float = typer.Option(0.05, "--wd"),
+    warmup: int = typer.Option(500, "--warmup"),
+    grad_clip: float = typer.Option(1.0, "--grad-clip"),
+    accum_freq: int = typer.Option(1, "--accum-freq"),
+    precision: str = typer.Option("amp", "--precision", help="amp | bf16 | fp32 (amp falls back to fp32 on CPU)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoint path."),
+    seed: int = typer.Option(0, "--seed"),
+    workers: int = typer.Option(2, "--workers"),
+    no_psat: bool = typer.Option(False, "--no-psat", help="Ablation Ex1: mean-pool + linear projection instead of PSAT."),
+    no_pspe: bool = typer.Option(False, "--no-pspe", help="Ablation Ex2: no plane-slice position embedding."),
+    num_queries: int = typer.Option(300, "--num-queries"),
+    psat_width: int = typer.Option(512, "--psat-width"),
+    psat_layers: int = typer.Option(2, "--psat-layers"),
+    image_weight: float = typer.Option(1.0, "--image-weight"),
+    text_weight: float = typer.Option(1.0, "--text-weight"),
+    log_every: int = typer.Option(10, "--log-every"),
+    ckpt_every: int = typer.Option(500, "--ckpt-every"),
+    device: str = typer.Option("auto", "--device"),
+    embeddings: Optional[str] = typer.Option(None, "--embeddings", help="Embedding fingerprint (default: latest `train embed`)."),
+) -> None:
+    """Align a 3D encoder to frozen CLIP slice/text embeddings through PSAT (Med3DInsight).
+
+    No CLIP forward per step: embeddings come from `train embed`. Works under
+    `torchrun --nproc-per-node N train pretrain ...` (gloo on CPU, nccl on GPU). Checkpoints in
+    checkpoints/pretrain/ (step_N.pt, latest.pt), metrics in checkpoints/pretrain/metrics.jsonl.
+    """
+    from .pretrain import PretrainConfig, PretrainError, pretrain
+
+    cfg = PretrainConfig(
+        workdir=workdir, manifest=manifest, encoder=encoder, encoder_kwargs=_parse_kwargs(encoder_arg), img_size=img_size,
+        epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, wd=wd, warmup=warmup, grad_clip=grad_clip,
+        accum_freq=accum_freq, precision=precision, resume=resume, seed=seed, workers=workers, use_psat=not no_psat,
+        use_pspe=not no_pspe, num_queries=num_queries, psat_width=psat_width, psat_layers=psat_layers,
+        image_weight=image_weight, text_weight=text_weight, log_every=log_every, ckpt_every=ckpt_every, device=device,
+        embeddings=embeddings,
+    )
+    try:
+        res = pretrain(cfg)
+    except (PretrainError, FileNotFoundError, KeyError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {str(exc).strip()}")
+        raise typer.Exit(2)
+    table = Table(title="train pretrain", show_header=False)
+    table.add_row("steps", f"{res.start_step} -> {res.step} of {res.total_steps}")
+    if res.losses:
+        k = max(1, min(5, len(res.losses) // 2))
+        table.add_row("loss (first / last)", f"{sum(res.losses[:k]) / k:.3f} / {sum(res.losses[-k:]) / k:.3f}")
+    table.add_row("held-out retrieval", _metrics_line(res.retrieval))
+    table.add_row("processes", str(res.world_size))
+    table.add_row("checkpoint", str(res.checkpoint))
+    table.add_row("metrics", str(res.metrics_path))
+    out.print(table)
+
+
+@app.command("export")
+def export_cmd(
+    workdir: Path = WorkdirOpt,
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Default: checkpoints/pretrain/latest.pt."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Default: <workdir>/exports."),
+) -> None:
+    """Write the pretrained encoder as a state dict that loads strict=True into the matching MONAI
+    network (UNETR's vit, SwinUNETR's swinViT, ResNet), plus a JSON saying how."""
+    from .pretrain import export_latest
+
+    try:
+        weights, meta = export_latest(workdir, checkpoint, out_dir or workdir / "exports")
+    except FileNotFoundError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    info = json.loads(Path(meta).read_text())
+    out.print(f"weights: {weights}\nhow to load: {meta}")
+    if "snippet" in info:
+        out.print(info["snippet"])
 
 
 @app.callback()

@@ -1,0 +1,300 @@
+"""`train pretrain` end to end on a tiny synthetic workdir (CPU, seconds per run).
+
+The workdir holds 12 volumes of 4 classes (a bright cube in a class-specific octant), a release
+manifest with 6 captioned slices per volume (+1 refused), and cached "CLIP" embeddings that are
+a fixed random projection of (class, plane) plus slice noise, so alignment is learnable and
+generalises to held-out volumes of the same classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from curation.manifest import write_manifest
+from training.embed_store import text_key, write_meta, write_table
+from training.export import load_into_monai
+from training.pretrain import (
+    PretrainConfig, PretrainError, PretrainWarning, checkpoint_dir, export_latest, param_groups, pretrain,
+    warmup_cosine,
+)
+from training.pretrain_data import ResumableSampler, VolumeSliceDataset, captioned_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+G, DIM, CLASSES = 32, 32, 4
+PLANES = ("axial", "coronal", "sagittal")
+INDICES = (10, 21)
+# Stride-1 stem: 8 tokens at 32^3 (the default stride 2 leaves a single token).
+TINY_CNN = dict(block_inplanes=(4, 8, 8, 16), conv1_t_size=3, conv1_t_stride=1)
+TINY_VIT = dict(patch_size=8, hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2)
+TINY_HEAD = dict(num_queries=8, psat_width=32, psat_layers=1, psat_heads=4)
+
+
+def make_workdir(root: Path, nan_volume: str | None = None) -> Path:
+    """Write volumes, manifests/v1.parquet and an embedding store under ``root``."""
+    rng = np.random.default_rng(0)
+    class_vec = rng.normal(size=(CLASSES, DIM))
+    plane_vec = rng.normal(size=(3, DIM))
+    rows, image_emb, text_emb = [], [], []
+    for v in range(12):
+        k, rep = v % CLASSES, v // CLASSES
+        vid = f"vol{v:02d}"
+        vol = rng.uniform(0, 0.1, size=(G, G, G))
+        ox, oy, oz = [(k >> b) & 1 for b in range(3)]  # class -> octant
+        j = rng.integers(-2, 3, size=3)
+        x0, y0, z0 = 4 + 16 * ox + j[0], 4 + 16 * oy + j[1], 4 + 16 * oz + j[2]
+        vol[x0:x0 + 10, y0:y0 + 10, z0:z0 + 10] = 0.9
+        path = root / "volumes" / vid / "volume.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, vol.astype(np.float16))
+        split = "train" if rep < 2 else "val"
+        for p, plane in enumerate(PLANES):
+            for idx in (*INDICES, 5):
+                refused = idx == 5 and p == 0
+                if idx == 5 and not refused:
+                    continue
+                sid = f"{vid}:{plane}:{idx}"
+                caption = f"class {k} {plane} slice {idx} of {vid}"
+                base = class_vec[k] + 0.7 * plane_vec[p]
+                img = base + 0.3 * rng.normal(size=DIM)
+                txt = base + 0.2 * rng.normal(size=DIM)
+                if vid == nan_volume:
+                    txt = np.full(DIM, np.nan)
+                rows.append(dict(slice_id=sid, volume_id=vid, case_id=f"case{v}", plane=plane, plane_index=p,
+                                 index=idx, image_sha256=hashlib.sha256(sid.encode()).hexdigest(),
+                                 caption=caption, refused=refused, split=split,
+                                 volume_path=f"volumes/{vid}/volume.npy", grid_size=G))
+                image_emb.append(img / np.linalg.norm(img))
+                text_emb.append(txt / np.linalg.norm(txt))
+    df = pd.DataFrame(rows)
+    write_manifest(df, root / "manifests" / "v1.parquet")
+    fp = "tinyclip000000"
+    write_table(root, fp, "image", df["image_sha256"], np.stack(image_emb))
+    write_table(root, fp, "text", [text_key(c) for c in df["caption"]], np.stack(text_emb))
+    write_meta(root, fp, model="tiny", checkpoint="none", dim=DIM)
+    return root
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return make_workdir(tmp_path_factory.mktemp("pretrain"))
+
+
+def _cfg(workdir: Path, **kw) -> PretrainConfig:
+    base = dict(workdir=workdir, encoder="cnn", encoder_kwargs=dict(TINY_CNN), steps=8, batch_size=4,
+                lr=1e-3, wd=0.01, warmup=3, precision="fp32", workers=0, log_every=1, ckpt_every=100,
+                progress=False, tensorboard=False, **TINY_HEAD)
+    return PretrainConfig(**{**base, **kw})
+
+
+def _metrics(workdir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (checkpoint_dir(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _copy_inputs(src: Path, dst: Path) -> Path:
+    """A fresh workdir sharing the module's inputs (checkpoints stay separate)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("volumes", "manifests", "embeddings"):
+        (dst / name).symlink_to(src / name)
+    return dst
+
+
+def test_dataset_sampling_is_deterministic(workdir):
+    rows = captioned_rows(workdir / "manifests" / "v1.parquet", "train")
+    assert len(rows) == 8 * 6 and not rows["refused"].any()
+    emb = np.zeros((len(rows), DIM), np.float16)
+    data = VolumeSliceDataset(workdir, rows, emb, emb, seed=3)
+    assert len(data) == 8
+    picks = [[data.sample_row(v, e) for v in range(8)] for e in range(6)]
+    assert picks == [[data.sample_row(v, e) for v in range(8)] for e in range(6)]
+    assert len({tuple(p) for p in picks}) > 1  # epochs differ
+    assert all(rows["volume_id"].iloc[r] == data.volume_ids[v] for p in picks for v, r in enumerate(p))
+    # Skipping k samples yields the tail of the same epoch order.
+    sampler = ResumableSampler(data, num_replicas=1, rank=0, seed=3)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.skip = 4
+    assert list(sampler) == full[4:] and len(sampler) == 4 and all(e == 2 for _, e in full)
+    # --img-size resizes the volume; the slice index stays on the manifest grid.
+    small = VolumeSliceDataset(workdir, rows, emb, emb, img_size=16)[(0, 0)]
+    assert small["volume"].shape == (1, 16, 16, 16) and small["volume"].dtype == torch.float32
+    assert small["index"].item() in INDICES
+
+
+def test_schedule_and_weight_decay_groups():
+    fn = warmup_cosine(4, 20)
+    assert fn(0) == pytest.approx(0.25) and fn(3) == pytest.approx(1.0)
+    assert fn(12) == pytest.approx(0.5) and fn(20) == pytest.approx(0.0)
+    from training.losses import AlignmentLoss
+    from training.pretrain import build_model
+
+    model = build_model(_cfg(Path("."), encoder="vit", encoder_kwargs=TINY_VIT), grid=G, clip_dim=DIM)
+    loss = AlignmentLoss()
+    decay, no_decay = param_groups({"m": model, "l": loss}, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()} | {id(loss.logit_scale): "logit_scale"}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"])
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert {"head.pspe", "head.queries", "logit_scale"} <= exempt
+    assert any(n.endswith("position_embeddings") for n in exempt)
+    assert not any(n.endswith("bias") for n in (names[id(p)] for p in decay["params"]))
+
+
+def test_learns_retrieves_and_exports_without_clip(workdir, tmp_path, monkeypatch):
+    import open_clip
+
+    def no_clip(*a, **k):
+        raise AssertionError("pretraining must not run CLIP")
+
+    for name in ("create_model", "create_model_and_transforms", "create_model_from_pretrained"):
+        monkeypatch.setattr(open_clip, name, no_clip)
+    wd = _copy_inputs(workdir, tmp_path / "run")
+    result = pretrain(_cfg(wd, steps=40, warmup=5, ckpt_every=20))
+    losses = result.losses
+    assert result.step == 40 and len(losses) == 40
+    assert np.mean(losses[-10:]) < 0.4 * np.mean(losses[:5]), losses
+    r = result.retrieval
+    assert r["queries"] == 4 * 6 and r["text_candidates"] == 24
+    assert r["text_recall@1"] > 2 * r["text_chance@1"], r
+    assert r["text_recall@5"] > r["text_chance@5"] + 0.2, r
+    rows = _metrics(wd)
+    train_rows = [m for m in rows if "loss" in m]
+    assert [m["step"] for m in train_rows] == list(range(1, 41))
+    assert {"loss", "image_loss", "text_loss", "lr", "logit_scale", "step_time", "samples_per_s"} <= train_rows[0].keys()
+    assert any("val/text_recall@1" in m for m in rows)
+    ckdir = checkpoint_dir(wd)
+    assert (ckdir / "step_20.pt").exists() and (ckdir / "step_40.pt").exists()
+    assert os.path.samefile(ckdir / "latest.pt", ckdir / "step_40.pt")
+
+    weights, meta = export_latest(wd)
+    net = load_into_monai(meta)  # strict load
+    ckpt = torch.load(ckdir / "latest.pt", weights_only=True)
+    torch.testing.assert_close(net.state_dict()["conv1.weight"], ckpt["model"]["encoder.resnet.conv1.weight"])
+
+
+def test_resume_continues_like_uninterrupted_run(workdir, tmp_path):
+    kw = dict(steps=7, batch_size=2, img_size=16)  # 4 steps per epoch: resume lands mid-epoch 0
+    # DataLoader workers must not change what is sampled.
+    full = pretrain(_cfg(_copy_inputs(workdir, tmp_path / "full"), workers=2, **kw))
+    wd = _copy_inputs(workdir, tmp_path / "split")
+    first = pretrain(_cfg(wd, stop_after=3, **kw))
+    assert first.step == 3 and first.retrieval is None
+    np.testing.assert_allclose(first.losses, full.losses[:3], rtol=0, atol=1e-6)
+    second = pretrain(_cfg(wd, resume="latest", **kw))
+    assert second.start_step == 3 and second.step == 7
+    np.testing.assert_allclose(second.losses, full.losses[3:], rtol=1e-5, atol=1e-5)
+    assert [m["step"] for m in _metrics(wd) if "loss" in m] == list(range(1, 8))
+
+    # Hyperparameter changes warn; another encoder shape is refused.
+    kw["resume"] = "latest"
+    with pytest.warns(PretrainWarning, match="lr changed"):
+        again = pretrain(_cfg(wd, lr=5e-4, **kw))
+    assert again.start_step == again.step == 7
+    with pytest.warns(PretrainWarning, match="num_queries"):
+        pretrain(_cfg(wd, num_queries=4, **kw))
+    with pytest.raises(PretrainError, match="block_inplanes"):
+        pretrain(_cfg(wd, **{**kw, "encoder_kwargs": {**TINY_CNN, "block_inplanes": (4, 8, 8, 32)}}))
+    with pytest.raises(PretrainError, match="'vit'"):
+        pretrain(_cfg(wd, encoder="vit", encoder_kwargs=TINY_VIT, **kw))
+
+
+def test_nan_guard_names_the_step(tmp_path):
+    wd = make_workdir(tmp_path, nan_volume="vol05")
+    cfg = _cfg(wd, steps=20, batch_size=2, img_size=16)
+    rows = captioned_rows(wd / "manifests" / "v1.parquet", "train")
+    data = VolumeSliceDataset(wd, rows, np.zeros((len(rows), 1)), np.zeros((len(rows), 1)))
+    sampler = ResumableSampler(data, 1, 0, seed=cfg.seed)
+    sampler.set_epoch(0)
+    position = [i for i, _ in sampler].index(data.volume_ids.index("vol05"))
+    expected = position // cfg.batch_size + 1
+    with pytest.raises(PretrainError, match=f"at step {expected}:") as err:
+        pretrain(cfg)
+    assert err.value.step == expected
+    assert "CLIP text embeddings" in str(err.value) and "vol05:" in str(err.value)
+
+
+def test_ablation_switches(workdir, tmp_path):
+    wd = _copy_inputs(workdir, tmp_path / "nopsat")
+    with pytest.warns(PretrainWarning, match="amp needs CUDA"):
+        res = pretrain(_cfg(wd, steps=3, use_psat=False, img_size=16, encoder="vit", encoder_kwargs=TINY_VIT,
+                            precision="amp"))
+    ckpt = torch.load(checkpoint_dir(wd) / "latest.pt", weights_only=True)
+    assert res.step == 3 and ckpt["head"] == "linear" and ckpt["encoder_config"]["img_size"] == 16
+    assert np.isfinite(res.losses).all()
+    wd = _copy_inputs(workdir, tmp_path / "nopspe")
+    res = pretrain(_cfg(wd, steps=3, use_pspe=False, img_size=16, precision="bf16", batch_size=2, accum_freq=2))
+    ckpt = torch.load(checkpoint_dir(wd) / "latest.pt", weights_only=True)
+    assert ckpt["head"] == "psat" and not any("pspe" in k for k in ckpt["model"])
+    assert np.isfinite(res.losses).all()
+
+
+def _write_config(path: Path, cfg: PretrainConfig) -> Path:
+    fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()}
+    path.write_text(json.dumps(fields))
+    return path
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def test_kill_9_then_resume_latest(workdir, tmp_path):
+    wd = _copy_inputs(workdir, tmp_path / "kill")
+    cfg = _cfg(wd, steps=16, batch_size=2, ckpt_every=2, img_size=16)
+    conf = _write_config(tmp_path / "cfg.json", cfg)
+    # --step-sleep keeps the run alive long enough to be killed mid-way on a fast machine.
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "pretrain_driver.py"), "--config", str(conf),
+                             "--step-sleep", "0.2"],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = checkpoint_dir(wd) / "latest.pt"
+    deadline = time.time() + 90
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    killed_at = torch.load(latest, weights_only=True)["step"]
+    assert 2 <= killed_at < 16
+    result = pretrain(replace(cfg, resume="latest"))
+    assert result.start_step == killed_at and result.step == 16
+    assert [m["step"] for m in _metrics(wd) if "loss" in m] == list(range(1, 17))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_matches_one_process(workdir, tmp_path):
+    """2 ranks x batch 2 = 1 rank x batch 4: same global batches, same losses (LayerNorm-only ViT)."""
+    steps = 3
+    single = pretrain(_cfg(_copy_inputs(workdir, tmp_path / "single"), steps=steps, batch_size=4,
+                           encoder="vit", encoder_kwargs=TINY_VIT))
+    wd = _copy_inputs(workdir, tmp_path / "ddp")
+    conf = _write_config(tmp_path / "cfg.json", _cfg(wd, steps=steps, batch_size=2, encoder="vit", encoder_kwargs=TINY_VIT))
+    out = tmp_path / "result.json"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           str(ROOT / "tests" / "pretrain_driver.py"), "--config", str(conf), "--out", str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2 and result["step"] == steps
+    np.testing.assert_allclose(result["losses"], single.losses, rtol=1e-4, atol=1e-5)
+    ckpt = torch.load(checkpoint_dir(wd) / "latest.pt", weights_only=True)
+    assert ckpt["step"] == steps and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert not any(k.startswith("module.") for k in ckpt["model"])
