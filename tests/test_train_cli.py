@@ -1,0 +1,60 @@
+"""The `train` CLI end to end on a tiny release: clip -> embed -> pretrain -> export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from typer.testing import CliRunner
+
+from conftest import phantom_ras, ras_affine, write_msd_task
+from curation.cli import app as curate
+from curation.preprocess import PreprocessConfig
+from curation.slicing import SliceConfig, run_slice
+from training.cli import app as train
+from training.export import load_into_monai
+
+TINY = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny-clip.json")
+
+
+def test_train_stages_through_the_cli(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cases = {}
+        for k in range(4):
+            data, label = phantom_ras(seed=k)
+            cases[f"t{k}"] = (np.roll(data, k, axis=0), ras_affine(), np.roll(label, k, axis=0))
+        task = write_msd_task(tmp_path / "d", "Task09_Spleen", cases)
+        w = tmp_path / "w"
+        run_slice("msd", task, SliceConfig(workdir=w, pre=PreprocessConfig(grid_size=32)), log=lambda *_: None)
+        runner = CliRunner()
+        res = runner.invoke(curate, ["caption", "--workdir", str(w), "--provider", "offline", "--all", "--budget", "96"])
+        assert res.exit_code == 0, res.output
+        res = runner.invoke(train, ["clip", "--workdir", str(w), "--model", TINY, "--epochs", "1", "--batch-size", "16",
+                                    "--warmup", "1", "--workers", "0", "--lr", "1e-3"])
+        assert res.exit_code == 0, res.output
+        assert (w / "checkpoints/clip/final.pt").exists()
+        res = runner.invoke(train, ["embed", "--workdir", str(w)])
+        assert res.exit_code == 0, res.output
+        assert "images computed" in res.output
+        res = runner.invoke(train, ["pretrain", "--workdir", str(w), "--encoder", "cnn",
+                                    "--encoder-arg", "block_inplanes=[8,16,32,64]", "--steps", "3", "--batch-size", "2",
+                                    "--warmup", "1", "--num-queries", "4", "--psat-width", "32", "--psat-layers", "1",
+                                    "--workers", "0", "--precision", "fp32"])
+        assert res.exit_code == 0, res.output
+        assert (w / "checkpoints/pretrain/latest.pt").exists()
+        res = runner.invoke(train, ["export", "--workdir", str(w)])
+        assert res.exit_code == 0, res.output
+        meta = next((w / "exports").glob("*.json"))
+        net = load_into_monai(meta)
+        assert json.loads(meta.read_text())["encoder"] == "cnn"
+        assert sum(p.numel() for p in net.parameters()) > 0
+        # missing inputs give one clear line and exit 2
+        res = runner.invoke(train, ["embed", "--workdir", str(tmp_path / "nowhere")])
+        assert res.exit_code == 2 and "train clip" in res.output
+    finally:
+        torch.set_num_threads(threads)
