@@ -144,6 +144,139 @@ def merge_cmd(workdir: Path = WorkdirOpt) -> None:
     out.print(f"merged {nv} volumes -> {vp}\nmerged {ns} slices -> {sp}")
 
 
+@app.command("rank")
+def rank_cmd(
+    workdir: Path = WorkdirOpt,
+    features: str = typer.Option("builtin", "--features", help="builtin (thumbnail + histogram, PCA) | clip (from `train embed`)."),
+    k: Optional[int] = typer.Option(None, "--k", help="Neighbours each slice votes for (default: automatic per pool)."),
+    dim: int = typer.Option(32, "--dim", help="PCA dimensions of the built-in descriptor."),
+    dup_threshold: float = typer.Option(0.98, "--dup-threshold", help="Cosine similarity above which a slice counts as a near-duplicate."),
+    seed: int = typer.Option(0, "--seed"),
+    workers: int = typer.Option(1, "--workers", help="Processes for the per-pool voting."),
+    evaluate_: bool = typer.Option(False, "--evaluate", help="Report label and feature-space coverage vs random and central choice."),
+) -> None:
+    """Vote-MI-style selection: every slice votes for its nearest neighbours; greedy, cluster-balanced
+    picks per (volume, plane); a global selection_order that covers every volume and plane first.
+
+    Writes vote_score, vote_rank and selection_order into manifests/slices.parquet; `curate caption
+    --budget N` spends its budget in that order. --evaluate also writes reports/rank_eval.json.
+    """
+    from .rank import RankConfig, run_rank
+
+    cfg = RankConfig(workdir=workdir, features=features, k=k, dim=dim, dup_threshold=dup_threshold, seed=seed, evaluate=evaluate_, workers=workers)
+    with _progress() as progress:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total, note="")
+            progress.update(tasks[stage], completed=done)
+
+        try:
+            summary = run_rank(cfg, progress=on_progress)
+        except (FileNotFoundError, ValueError) as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2)
+    table = Table(title="curate rank", show_header=False)
+    table.add_row("slices ranked", str(summary.slices))
+    table.add_row("pools (volume x plane)", str(summary.pools))
+    table.add_row("features", f"{features} ({summary.feature_seconds:.1f} s)")
+    table.add_row("time", f"{summary.seconds:.1f} s")
+    table.add_row("slices manifest", str(summary.slices_path))
+    if summary.eval_path:
+        table.add_row("evaluation", str(summary.eval_path))
+    out.print(table)
+    if summary.evaluation_table:
+        out.print(summary.evaluation_table)
+
+
+@app.command("caption")
+def caption_cmd(
+    workdir: Path = WorkdirOpt,
+    provider: Optional[str] = typer.Option(None, "--provider", help="openai | offline (default: openai when OPENAI_API_KEY or --base-url is set, else offline)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Vision model (default gpt-4o; GPT-4V names accepted)."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="Any OpenAI-compatible server (vLLM, Ollama, Azure...)."),
+    budget: Optional[int] = typer.Option(None, "--budget", help="At most N new (uncached) requests."),
+    max_usd: Optional[float] = typer.Option(None, "--max-usd", help="Stop before the estimated spend exceeds this."),
+    concurrency: int = typer.Option(8, "--concurrency"),
+    rpm: Optional[float] = typer.Option(None, "--rpm", help="Client-side requests per minute."),
+    tpm: Optional[float] = typer.Option(None, "--tpm", help="Client-side tokens per minute."),
+    mode: str = typer.Option("sync", "--mode", help="sync | batch (Batch API, 50% cheaper, up to 24 h)."),
+    detail: str = typer.Option("low", "--detail", help="low | high image detail."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Counts, tokens and USD; no request is sent."),
+    status: bool = typer.Option(False, "--status", help="Show pending batches and exit."),
+    retry_refused: bool = typer.Option(False, "--retry-refused", help="Re-ask refused slices with the fallback prompt."),
+    all_slices: bool = typer.Option(False, "--all", help="Every slice in slice order instead of the ranked order."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Release manifest to write (default manifests/v1.parquet; never overwritten)."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Batch mode: submit/advance and return instead of polling."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Per-request timeout in seconds."),
+) -> None:
+    """Caption ranked slices with a vision-language model: cached, budgeted, resumable.
+
+    The key comes from OPENAI_API_KEY only. Every answer is committed to cache/captions.sqlite
+    as it arrives, so a rerun (or a run after kill -9) never pays twice for a slice. Writes the
+    release manifest with a subject-wise 7:1:2 split.
+    """
+    import os
+
+    from captions.batch import status as batch_status
+    from captions.client import FatalAPIError
+    from captions.release import CaptionConfig, run_release
+
+    api_key = os.environ.get("OPENAI_API_KEY") or None
+    if status:
+        rows = batch_status(workdir / "cache" / "batches", api_key=api_key, base_url=base_url)
+        if not rows:
+            out.print("no pending batches")
+        for r in rows:
+            out.print(r)
+        return
+    provider = provider or ("openai" if (api_key or base_url) else "offline")
+    cfg = CaptionConfig(
+        workdir=workdir, provider=provider, model=model, base_url=base_url, api_key=api_key, budget=budget,
+        max_usd=max_usd, concurrency=concurrency, rpm=rpm, tpm=tpm, mode=mode, detail=detail, dry_run=dry_run,
+        retry_refused=retry_refused, all_slices=all_slices, out=out_path, timeout=timeout, batch_wait=not no_wait,
+    )
+    with _progress() as progress:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total, note="")
+            progress.update(tasks[stage], completed=done, total=total)
+
+        try:
+            result = run_release(cfg, progress=on_progress)
+        except (FileNotFoundError, FileExistsError, ValueError) as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2)
+        except FatalAPIError as exc:
+            console.print(f"[red]stopped:[/red] {exc}")
+            raise typer.Exit(1)
+    s = result.summary
+    table = Table(title="curate caption" + (" (dry run)" if dry_run else ""), show_header=False)
+    table.add_row("provider / model / mode", f"{s.provider} / {s.model} / {s.mode}")
+    table.add_row("slices considered", str(s.total))
+    table.add_row("cached (free)", str(s.cached))
+    table.add_row("to send / over budget", f"{s.to_send} / {s.over_budget}")
+    if not dry_run:
+        table.add_row("sent / ok / refused / failed", f"{s.sent} / {s.succeeded} / {s.refused} / {s.failed}")
+        table.add_row("tokens in / out (reported)", f"{s.prompt_tokens} / {s.completion_tokens}")
+        table.add_row("USD (reported usage)", "n/a" if s.usd_actual is None else f"{s.usd_actual:.4f}")
+    table.add_row("tokens in / out (estimated)", f"{s.est_prompt_tokens} / {s.est_completion_tokens}")
+    table.add_row("USD (estimated)", "n/a (unpriced model)" if s.usd_estimated is None else f"{s.usd_estimated:.4f}")
+    if s.pending:
+        table.add_row("pending in batches", str(s.pending))
+    if result.out:
+        table.add_row("release manifest", f"{result.out} ({result.rows} rows, {result.refused} refused)")
+        table.add_row("splits", ", ".join(f"{k} {v}" for k, v in sorted(result.splits.items())))
+    out.print(table)
+    for err in s.errors[:10]:
+        console.print(f"error: {err}")
+    if s.stopped:
+        console.print(f"[yellow]stopped early:[/yellow] {s.stopped}")
+
+
 @app.command("query")
 def query_cmd(
     sql: str = typer.Argument(..., help='SQL over the views volumes, slices, captions, e.g. "SELECT plane, count(*) FROM slices GROUP BY 1"'),

@@ -1,0 +1,558 @@
+"""Vote-MI-style slice voter: cheap features, blocked k-NN, vote-k ranking, global order.
+
+The greedy step follows ``fast_votek`` of the vote-k authors (Su et al. 2022,
+HKUNLP/icl-selective-annotation, ``two_steps.py``): every item votes for its k nearest
+neighbours (cosine); a candidate's score is the sum over its voters that are not selected yet
+of ``10 ** -times[voter]``, where ``times[voter]`` counts the selected items that voter votes
+for; after a pick, ``times`` of each of its voters goes up by one. What differs here, and why:
+
+- self is excluded from the k-NN exactly (the authors drop the top-1 and assume it is self,
+  which loses a neighbour when duplicates tie with self);
+- ties: highest score, then most voters (the authors' ``max`` over a vote-count-sorted list),
+  then the lowest row index; the authors stop at ``select_num`` and never rank items with no
+  voters, here every item gets a rank;
+- eligibility rules the authors do not have (see ``vote_k``): near-duplicates of a selected
+  item wait until no distinct candidate is left; single-linkage groups (obvious groups of
+  slices) and then k-means clusters each get their r-th pick before any gets its (r+1)-th.
+
+Memory and time are linear in the number of slices: k-NN, clustering and the greedy run per
+(volume, plane) pool, and the global order is a few sorts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
+
+from .manifest import PLANES
+
+_PAD = np.iinfo(np.int64).max  # index of a padding neighbour; sorts after every real one
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float32))
+    return x / np.maximum(norms, 1e-12)[:, None]
+
+
+# ---------------------------------------------------------------------------------- features
+
+
+def _block_mean(x: np.ndarray, size: int) -> np.ndarray:
+    """Mean over a ``size`` x ``size`` grid of near-equal blocks of a (batch, H, W) array."""
+    for axis in (1, 2):
+        n = x.shape[axis]
+        if n >= size:
+            starts = (np.arange(size) * n) // size
+            counts = np.diff(np.append(starts, n)).astype(np.float32)
+            shape = [1, 1, 1]
+            shape[axis] = size
+            x = np.add.reduceat(x, starts, axis=axis) / counts.reshape(shape)
+        else:  # smaller than the thumbnail: nearest-neighbour upsampling
+            x = np.take(x, (np.arange(size) * n) // size, axis=axis)
+    return x
+
+
+def builtin_features(
+    slices: np.ndarray, thumb: int = 16, bins: int = 32, fg_threshold: float = 0.01
+) -> np.ndarray:
+    """Cheap per-slice descriptor: block-mean thumbnail + foreground intensity histogram.
+
+    Args:
+        slices: (batch, H, W) or (H, W) intensities in [0, 1] (float16 is fine).
+        thumb: thumbnail side; ``thumb * thumb`` values, divided by ``thumb`` so their norm <= 1.
+        bins: histogram bins over [0, 1] of pixels above ``fg_threshold``, normalised to sum 1
+            and square-rooted (Hellinger embedding, norm 1; all zeros for an empty slice).
+
+    Returns:
+        float32 array (batch, thumb * thumb + bins).
+    """
+    x = np.asarray(slices)
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3:
+        raise ValueError(f"expected (batch, H, W) slices, got shape {x.shape}")
+    out = np.empty((len(x), thumb * thumb + bins), dtype=np.float32)
+    for s in range(0, len(x), 256):  # bounded temporaries for large batches
+        chunk = np.clip(x[s : s + 256].astype(np.float32), 0.0, 1.0)
+        b = len(chunk)
+        out[s : s + b, : thumb * thumb] = _block_mean(chunk, thumb).reshape(b, -1) / thumb
+        fg = chunk > fg_threshold
+        bin_of = np.minimum((chunk * bins).astype(np.int32), bins - 1)
+        bin_of += (np.arange(b, dtype=np.int32) * bins)[:, None, None]
+        hist = np.bincount(bin_of[fg], minlength=b * bins).reshape(b, bins).astype(np.float32)
+        hist /= np.maximum(hist.sum(axis=1, keepdims=True), 1.0)
+        out[s : s + b, thumb * thumb :] = np.sqrt(hist)
+    return out
+
+
+def reduce_features(
+    feats: np.ndarray, dim: int = 32, seed: int = 0, max_fit: int = 50_000, block: int = 65_536
+) -> np.ndarray:
+    """PCA to ``dim`` dimensions, L2-normalised rows (float32).
+
+    The PCA is fitted on a seeded subsample of at most ``max_fit`` rows, so fitting costs the
+    same for 600k slices as for 50k; projecting runs in row blocks. Component signs are fixed
+    (largest loading positive) so the output is deterministic.
+    """
+    feats = np.asarray(feats)
+    n, d = feats.shape
+    dim = max(1, min(dim, d, n))
+    if n == 0:
+        return np.zeros((0, dim), dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    fit = np.sort(rng.choice(n, size=max_fit, replace=False)) if n > max_fit else slice(None)
+    sample = feats[fit].astype(np.float64)
+    mean = sample.mean(axis=0)
+    _, _, vt = np.linalg.svd(sample - mean, full_matrices=False)
+    comps = vt[:dim]
+    signs = np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(axis=1)])
+    comps = (comps * np.where(signs == 0, 1.0, signs)[:, None]).astype(np.float32)
+    out = np.zeros((n, dim), dtype=np.float32)
+    mean32 = mean.astype(np.float32)
+    for s in range(0, n, block):
+        chunk = feats[s : s + block].astype(np.float32) - mean32
+        out[s : s + block, : len(comps)] = chunk @ comps.T
+    return _l2_normalize(out)
+
+
+# ---------------------------------------------------------------------------------- k-NN
+
+
+def _topk_rows(sim: np.ndarray, k: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row the k largest entries of ``sim`` (-inf = excluded), ties to the lower column."""
+    rows_n, m = sim.shape
+    if m > k:
+        kth = np.partition(sim, m - k, axis=1)[:, m - k : m - k + 1]
+        mask = sim >= kth  # may hold more than k on ties; trimmed below
+        mask &= sim > -np.inf
+    else:
+        mask = sim > -np.inf
+    rows, cols = np.nonzero(mask)
+    vals = sim[rows, cols]
+    order = np.lexsort((cols, -vals, rows))
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    starts = np.searchsorted(rows, np.arange(rows_n))
+    rank = np.arange(len(rows)) - starts[rows]
+    keep = rank < k
+    out_s = np.full((rows_n, k), -np.inf, dtype=np.float32)
+    out_i = np.full((rows_n, k), _PAD, dtype=np.int64)
+    out_s[rows[keep], rank[keep]] = vals[keep]
+    out_i[rows[keep], rank[keep]] = cols[keep] + offset
+    return out_s, out_i
+
+
+def knn_cosine(feats: np.ndarray, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours by cosine, self excluded; rows must be L2-normalised.
+
+    Query and database are both cut into ``block`` rows, so memory is O(block^2 + n * k)
+    whatever n is. Neighbours are ordered by decreasing similarity, ties by increasing index.
+
+    Returns:
+        (idx, sim): int64 and float32 arrays of shape (n, min(k, n - 1)).
+    """
+    x = np.ascontiguousarray(feats, dtype=np.float32)
+    n = len(x)
+    k = max(0, min(int(k), n - 1))
+    idx = np.empty((n, k), dtype=np.int64)
+    sim = np.empty((n, k), dtype=np.float32)
+    if k == 0:
+        return idx, sim
+    for qs in range(0, n, block):
+        q = x[qs : qs + block]
+        best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+        best_i = np.full((len(q), k), _PAD, dtype=np.int64)
+        for ds in range(0, n, block):
+            s = q @ x[ds : ds + block].T
+            lo, hi = max(qs, ds), min(qs + len(q), ds + block)
+            if lo < hi:  # this block holds some of the queries themselves
+                r = np.arange(lo, hi)
+                s[r - qs, r - ds] = -np.inf
+            bs, bi = _topk_rows(s, k, ds)
+            cs = np.concatenate([best_s, bs], axis=1)
+            ci = np.concatenate([best_i, bi], axis=1)
+            pick = np.lexsort((ci, -cs), axis=1)[:, :k]
+            best_s = np.take_along_axis(cs, pick, axis=1)
+            best_i = np.take_along_axis(ci, pick, axis=1)
+        idx[qs : qs + len(q)] = best_i
+        sim[qs : qs + len(q)] = best_s
+    return idx, sim
+
+
+# ---------------------------------------------------------------------------------- vote-k
+
+
+def _kmeans(x: np.ndarray, n_clusters: int, seed: int, n_iter: int = 30) -> np.ndarray:
+    """Seeded k-means++ then Lloyd; labels 0..c-1 (fewer clusters when points coincide)."""
+    n = len(x)
+    if n_clusters <= 1 or n <= 1:
+        return np.zeros(n, dtype=np.int64)
+    x = x.astype(np.float64)
+    rng = np.random.default_rng(seed)
+    centers = [int(rng.integers(n))]
+    d2 = ((x - x[centers[0]]) ** 2).sum(axis=1)
+    for _ in range(1, min(n_clusters, n)):
+        total = d2.sum()
+        if total <= 1e-12:
+            break
+        c = int(np.searchsorted(np.cumsum(d2), rng.random() * total, side="right"))
+        centers.append(min(c, n - 1))
+        d2 = np.minimum(d2, ((x - x[centers[-1]]) ** 2).sum(axis=1))
+    cen = x[centers]
+    labels = np.full(n, -1)
+    for _ in range(n_iter):
+        dist = (x**2).sum(1)[:, None] - 2.0 * x @ cen.T + (cen**2).sum(1)[None, :]
+        new = dist.argmin(axis=1)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+        counts = np.bincount(labels, minlength=len(cen))
+        sums = np.zeros_like(cen)
+        np.add.at(sums, labels, x)
+        filled = counts > 0
+        cen[filled] = sums[filled] / counts[filled, None]
+    return np.unique(labels, return_inverse=True)[1].astype(np.int64)
+
+
+def _gap_groups(x: np.ndarray, min_size: int, factor: float) -> np.ndarray:
+    """Single-linkage groups: cut the minimum spanning tree (cosine-chord lengths) at edges
+    longer than ``factor`` x the median positive edge; groups under ``min_size`` items join
+    the group of their most similar item in a large one."""
+    n = len(x)
+    if n < 2 * min_size:
+        return np.zeros(n, dtype=np.int64)
+    d = np.sqrt(np.maximum(2.0 - 2.0 * (x @ x.T).astype(np.float64), 0.0)) + 1e-9
+    np.fill_diagonal(d, 0.0)  # zeros are "no edge" to scipy, hence the 1e-9 above
+    tree = minimum_spanning_tree(d).tocoo()
+    positive = tree.data[tree.data > 1e-6]
+    if len(positive) == 0:
+        return np.zeros(n, dtype=np.int64)
+    keep = tree.data <= factor * np.median(positive)
+    graph = sparse.coo_matrix((tree.data[keep], (tree.row[keep], tree.col[keep])), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    big = np.bincount(label)[label] >= min_size
+    if not big.any():
+        return np.zeros(n, dtype=np.int64)
+    small = np.flatnonzero(~big)
+    if len(small):
+        label[small] = label[np.flatnonzero(big)[(x[small] @ x[big].T).argmax(axis=1)]]
+    return np.unique(label, return_inverse=True)[1].astype(np.int64)
+
+
+@dataclass(frozen=True)
+class VoteResult:
+    """Output of ``vote_k``; per-item arrays are aligned with the input rows."""
+
+    order: np.ndarray  # item indices, best first
+    vote_score: np.ndarray  # float64: greedy score when the item was picked
+    vote_rank: np.ndarray  # int64: position in ``order`` (0 = best)
+    n_votes: np.ndarray  # int64: how many items have this one among their k-NN
+    group: np.ndarray  # int64: single-linkage group (coarse balance)
+    cluster: np.ndarray  # int64: k-means cluster (fine balance)
+
+
+def auto_k(n: int) -> int:
+    """Default neighbourhood size for a pool of n items: n // 3, clipped to [3, 40].
+
+    A neighbourhood this wide makes the first picks representative of the whole pool (close
+    to its medoid); n // 10 or n // 5 favour slowly-varying ends of a slice stack instead.
+    """
+    return int(min(40, max(3, n // 3)))
+
+
+def vote_k(
+    feats: np.ndarray,
+    k: int | None = None,
+    n_select: int | None = None,
+    *,
+    n_clusters: int | None = None,
+    max_clusters: int = 16,
+    min_group: int = 3,
+    gap_factor: float = 3.0,
+    dup_threshold: float = 0.98,
+    seed: int = 0,
+) -> VoteResult:
+    """Rank items by vote-k greedy selection with balance rules and duplicate deferral.
+
+    Each step picks, among the eligible unselected items, the highest
+    ``score(c) = sum(10 ** -times[v] for unselected voters v of c)`` (ties: more voters, then
+    lower index); ``k`` defaults to ``auto_k(n)``. Eligible, each rule applied to the
+    candidates the one before leaves:
+
+    1. not a near-duplicate (cosine > ``dup_threshold``) of a selected item, unless only
+       near-duplicates are left;
+    2. in a group with the fewest picks so far among groups holding a candidate;
+    3. in a k-means cluster with the fewest picks so far among clusters holding a candidate.
+
+    So no group (cluster) gets a second pick before every group (cluster) with a candidate
+    has one; in general its (r+1)-th pick waits until all such have r. Groups: the minimum
+    spanning tree cut at edges longer than ``gap_factor`` x its median edge, groups under
+    ``min_group`` items joined to the most similar large one; they separate obvious groups
+    of slices whatever their sizes, and a continuum stays one group. Clusters: seeded
+    k-means++/Lloyd with ``n_clusters`` (default ``min(max_clusters, ceil(sqrt(n)))``)
+    spread picks along a continuum. The greedy runs ``n_select`` steps (default: all);
+    the items left are ranked after them by their final score with the same tie-breaks, and
+    their ``vote_score`` is that final score. Cost O(n^2 * (d + k)), memory
+    O(n * k): meant for one (volume, plane) pool, not a whole dataset.
+    """
+    x = _l2_normalize(np.asarray(feats))
+    n = len(x)
+    empty = np.zeros(0, dtype=np.int64)
+    if n == 0:
+        return VoteResult(empty, np.zeros(0), empty, empty, empty, empty)
+    k = auto_k(n) if k is None else int(k)
+    nbr, _ = knn_cosine(x, k)
+    kk = nbr.shape[1]
+    n_votes = np.bincount(nbr.ravel(), minlength=n).astype(np.int64)
+    voters = np.repeat(np.arange(n), kk)[np.argsort(nbr.ravel(), kind="stable")]
+    vptr = np.concatenate([[0], np.cumsum(n_votes)])
+    if n_clusters is None:
+        n_clusters = min(max_clusters, math.ceil(math.sqrt(n)))
+    cluster = _kmeans(x, n_clusters, seed)
+    picks = np.zeros(cluster.max() + 1, dtype=np.int64)
+    group = _gap_groups(x, min_group, gap_factor)
+    group_picks = np.zeros(group.max() + 1, dtype=np.int64)
+    balance = [(lab, c) for lab, c in ((group, group_picks), (cluster, picks)) if len(c) > 1]
+
+    # cnt[c, t]: unselected voters of c that vote for t selected items (exact integers kept
+    # as float64). Scores are recomputed from these counts row by row, so equal situations
+    # give bit-equal scores whatever the row order.
+    width = kk + 2
+    cnt = np.zeros((n, width), dtype=np.float64)
+    cnt[:, 0] = n_votes
+    cnt_flat = cnt.reshape(-1)  # a view: a voter moving level t -> t+1 is flat f -> f+1
+    weight = 10.0 ** -np.arange(width)
+    score = n_votes.astype(np.float64)
+    times = np.zeros(n, dtype=np.int64)
+    selected = np.zeros(n, dtype=bool)
+    max_sim = np.full(n, -np.inf, dtype=np.float32)
+    vote_score = np.zeros(n, dtype=np.float64)
+    order: list[int] = []
+    steps = n if n_select is None else max(0, min(int(n_select), n))
+    for _ in range(steps):
+        cand = ~selected
+        distinct = cand & (max_sim <= dup_threshold)
+        if distinct.any():
+            cand = distinct
+        for label, count in balance:
+            have = count[label]
+            cand &= have == have[cand].min()
+        s = _best(cand, score, n_votes)
+        order.append(s)
+        vote_score[s] = score[s]
+        selected[s] = True
+        group_picks[group[s]] += 1
+        picks[cluster[s]] += 1
+        np.maximum(max_sim, x @ x[s], out=max_sim)
+        # s stops voting; each unselected voter of s now covers one more selected item
+        cnt_flat[nbr[s] * width + times[s]] -= 1.0
+        vs = voters[vptr[s] : vptr[s + 1]]
+        live = vs[~selected[vs]]
+        if len(live):
+            flat = (nbr[live] * width + times[live][:, None]).ravel()
+            moved = np.bincount(flat, minlength=n * width).astype(np.float64)
+            cnt_flat -= moved
+            cnt_flat[1:] += moved[:-1]
+        times[vs] += 1
+        score = np.einsum("ij,j->i", cnt, weight)  # own loop, same order for every row
+    rest = np.flatnonzero(~selected)
+    rest = rest[np.lexsort((rest, -n_votes[rest], -score[rest]))]
+    vote_score[rest] = score[rest]
+    full = np.concatenate([np.asarray(order, dtype=np.int64), rest])
+    rank = np.empty(n, dtype=np.int64)
+    rank[full] = np.arange(n)
+    return VoteResult(full, vote_score, rank, n_votes, group, cluster)
+
+
+def _best(cand: np.ndarray, score: np.ndarray, n_votes: np.ndarray) -> int:
+    """Index of the best candidate: max score, then max votes, then lowest index."""
+    sc = np.where(cand, score, -np.inf)
+    tie = np.flatnonzero(sc == sc.max())
+    if len(tie) > 1:
+        tie = tie[n_votes[tie] == n_votes[tie].max()]
+    return int(tie[0])
+
+
+# ---------------------------------------------------------------------------------- pools
+
+
+def _group_starts(keys: np.ndarray) -> np.ndarray:
+    """Start offsets of runs of equal values in a sorted 1-D array, plus len at the end."""
+    change = np.flatnonzero(keys[1:] != keys[:-1]) + 1
+    return np.concatenate([[0], change, [len(keys)]])
+
+
+def _cumcount(sorted_groups: np.ndarray) -> np.ndarray:
+    """Position of each element inside its run of equal values (input sorted by group)."""
+    starts = _group_starts(sorted_groups)
+    return np.arange(len(sorted_groups)) - np.repeat(starts[:-1], np.diff(starts))
+
+
+def _volume_codes(volume_ids: pd.Series) -> np.ndarray:
+    """Volume codes ordered by a hash of the id: a stable order that mixes datasets."""
+    codes, uniq = pd.factorize(volume_ids, sort=False)
+    keys = [(hashlib.blake2b(str(u).encode(), digest_size=8).digest(), str(u)) for u in uniq]
+    rank = np.empty(len(uniq), dtype=np.int64)
+    rank[sorted(range(len(uniq)), key=keys.__getitem__)] = np.arange(len(uniq))
+    return rank[codes]
+
+
+def _plane_codes(planes: pd.Series) -> tuple[np.ndarray, int]:
+    codes, uniq = pd.factorize(planes, sort=False)
+    key = [(PLANES.index(p) if p in PLANES else len(PLANES), str(p)) for p in uniq]
+    rank = np.empty(len(uniq), dtype=np.int64)
+    rank[sorted(range(len(uniq)), key=key.__getitem__)] = np.arange(len(uniq))
+    return rank[codes], max(1, len(uniq))
+
+
+def _tiebreak(df: pd.DataFrame) -> np.ndarray:
+    if "index" in df.columns:
+        return df["index"].to_numpy(dtype=np.int64)
+    if "slice_id" in df.columns:
+        return pd.factorize(df["slice_id"], sort=True)[0]
+    return np.arange(len(df))
+
+
+def _duplicate_flags(x: np.ndarray, threshold: float) -> np.ndarray:
+    """Walk rows in order; flag a row whose cosine to an earlier kept row exceeds threshold."""
+    s = x @ x.T
+    hit = np.triu(s > threshold, 1)
+    flags = np.zeros(len(x), dtype=bool)
+    for j in np.flatnonzero(hit.any(axis=0)):
+        flags[j] = bool((hit[:j, j] & ~flags[:j]).any())
+    return flags
+
+
+def global_selection_order(
+    df: pd.DataFrame,
+    score_col: str = "vote_score",
+    rank_col: str = "vote_rank",
+    features: np.ndarray | None = None,
+    dup_threshold: float = 0.98,
+) -> np.ndarray:
+    """selection_order (0..n-1, aligned with ``df`` rows) that round-robins volumes and planes.
+
+    Within a (volume, plane) pool slices go by ``rank_col`` (ties: higher ``score_col``, then
+    ``index``). A slice whose cosine to an earlier kept slice of its pool exceeds
+    ``dup_threshold`` is deferred: all kept slices of every pool come first, deferred ones
+    after, in the same round-robin. A volume's own sequence interleaves its planes (round r
+    takes each plane's r-th slice; the plane order is rotated by the volume's position so
+    small budgets are not all axial); the global order takes the r-th slice of every volume
+    before any (r+1)-th. Volumes are ordered by a hash of ``volume_id``. So the first V entries
+    hold one slice of each of V volumes and the first 3V cover every (volume, plane).
+    """
+    n = len(df)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    vol = _volume_codes(df["volume_id"])
+    plane, n_planes = _plane_codes(df["plane"])
+    rank = df[rank_col].to_numpy(dtype=np.float64)
+    score = df[score_col].to_numpy(dtype=np.float64) if score_col in df.columns else np.zeros(n)
+    score = np.nan_to_num(score, nan=-np.inf)
+    pool = vol * n_planes + plane
+    o1 = np.lexsort((_tiebreak(df), -score, rank, pool))
+    pool_s = pool[o1]
+    dup = np.zeros(n, dtype=bool)  # in o1 order
+    if features is not None:
+        x = _l2_normalize(np.asarray(features))
+        starts = _group_starts(pool_s)
+        for a, b in zip(starts[:-1], starts[1:]):
+            if b - a > 1:
+                dup[a:b] = _duplicate_flags(x[o1[a:b]], dup_threshold)
+    phase = dup.astype(np.int64)
+    o2 = np.lexsort((np.arange(n), phase, pool_s))
+    r = np.empty(n, dtype=np.int64)
+    r[o2] = _cumcount(pool_s[o2] * 2 + phase[o2])  # round inside (pool, phase)
+    vol_s = vol[o1]
+    rot = (plane[o1] - vol_s) % n_planes
+    o3 = np.lexsort((rot, r, phase, vol_s))
+    pos = np.empty(n, dtype=np.int64)
+    pos[o3] = _cumcount(vol_s[o3] * 2 + phase[o3])  # position in the volume's sequence
+    o4 = np.lexsort((vol_s, pos, phase))
+    order = np.empty(n, dtype=np.int64)
+    order[o1[o4]] = np.arange(n)
+    return order
+
+
+def _single_thread_blas() -> None:
+    # BLAS threads of two worker processes spin against each other on tiny matrices
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # a transitive dependency (scikit-learn); only a speed loss without
+        return
+    threadpool_limits(1)
+
+
+def _rank_chunk(job: tuple[list[np.ndarray], int | None, dict]) -> list[tuple[np.ndarray, ...]]:
+    pools, k, opts = job
+    return [(r.vote_score, r.vote_rank) for r in (vote_k(xp, k, **opts) for xp in pools)]
+
+
+def rank_pools(
+    df: pd.DataFrame,
+    feats: np.ndarray,
+    k: int | None = None,
+    *,
+    dup_threshold: float = 0.98,
+    max_clusters: int = 16,
+    seed: int = 0,
+    workers: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> pd.DataFrame:
+    """Run ``vote_k`` per (volume_id, plane) pool and fill vote_score, vote_rank, selection_order.
+
+    ``feats`` is aligned with ``df`` rows; ``k`` defaults to ``auto_k`` of each pool's size.
+    Each pool's rows are put in a canonical order (by ``index``, else ``slice_id``) first, so
+    the result does not depend on the row order of ``df``, nor on ``workers`` (processes,
+    pools are independent). ``progress`` is called with the number of pools done so far.
+    Returns a copy of ``df``.
+    """
+    out = df.copy()
+    n = len(df)
+    x = _l2_normalize(np.asarray(feats))
+    if len(x) != n:
+        raise ValueError(f"features have {len(x)} rows, slices {n}")
+    vol = _volume_codes(df["volume_id"])
+    plane, n_planes = _plane_codes(df["plane"])
+    pool = vol * n_planes + plane
+    o = np.lexsort((_tiebreak(df), pool))
+    starts = _group_starts(pool[o])
+    bounds = list(zip(starts[:-1], starts[1:]))
+    chunks = [bounds[i : i + 64] for i in range(0, len(bounds), 64)]
+    opts = {"dup_threshold": dup_threshold, "max_clusters": max_clusters, "seed": seed}
+    jobs = (([x[o[a:b]] for a, b in chunk], k, opts) for chunk in chunks)
+    vote_score = np.zeros(n, dtype=np.float64)
+    vote_rank = np.zeros(n, dtype=np.int64)
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            ctx = multiprocessing.get_context("spawn")  # no fork of BLAS/torch thread state
+            pool_ex = stack.enter_context(
+                ProcessPoolExecutor(workers, mp_context=ctx, initializer=_single_thread_blas)
+            )
+            results = pool_ex.map(_rank_chunk, jobs)
+        else:
+            results = map(_rank_chunk, jobs)
+        done = 0
+        for chunk, res in zip(chunks, results):
+            for (a, b), (score, rank) in zip(chunk, res):
+                vote_score[o[a:b]] = score
+                vote_rank[o[a:b]] = rank
+            done += len(chunk)
+            if progress is not None:
+                progress(done)
+    out["vote_score"] = vote_score
+    out["vote_rank"] = vote_rank.astype(np.int32)
+    out["selection_order"] = global_selection_order(
+        out, "vote_score", "vote_rank", x, dup_threshold=dup_threshold
+    )
+    return out
