@@ -242,7 +242,9 @@ class RateLimiter:
     def __init__(self, per_minute: float | None) -> None:
         self.rate = per_minute / 60.0 if per_minute else None
         self.capacity = max(1.0, self.rate or 1.0)
-        self.level = self.capacity
+        # Start nearly empty: a full bucket would let rate + capacity requests into the first
+        # minute, which a strict server counting a sliding 60 s window answers with 429s.
+        self.level = 1.0
         self.updated = time.monotonic()
         self._lock = asyncio.Lock()  # FIFO among waiters
 
