@@ -419,6 +419,32 @@ def scrub(text: str, tokens: list[str]) -> str:
     return text
 
 
+# BodyPartExamined / StudyDescription words -> body region (display window, caption context).
+DICOM_BODY_PARTS: list[tuple[tuple[str, ...], str]] = [
+    (("HEAD", "BRAIN", "SKULL", "NECK"), "brain"),
+    (("HEART", "CARDIAC", "CORONARY"), "heart"),
+    (("CHEST", "THORAX", "LUNG", "BREAST"), "chest"),
+    (("ABDOMEN", "ABD", "LIVER", "KIDNEY", "PANCREAS", "SPLEEN"), "abdomen"),
+    (("PELVIS", "PROSTATE", "BLADDER", "HIP"), "pelvis"),
+]
+
+
+def dicom_body_region(path: Path) -> str | None:
+    """Coarse body region from the header of one file of a series (None when unknown)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["BodyPartExamined", "StudyDescription", "SeriesDescription"])
+    except Exception:  # unreadable headers are reported by the loader
+        return None
+    text = " ".join(str(ds.get(t, "") or "") for t in ("BodyPartExamined", "SeriesDescription", "StudyDescription")).upper()
+    words = set(re.split(r"[^A-Z]+", text))
+    for keys, region in DICOM_BODY_PARTS:
+        if words & set(keys):
+            return region
+    return None
+
+
 def dicom_tree(root: Path, dataset: str = "dicom") -> tuple[list[VolumeSpec], list[tuple[Path, str]]]:
     """Every image series under ``root``; unreadable files are returned as (path, reason)."""
     from .dicom import find_series
@@ -435,6 +461,7 @@ def dicom_tree(root: Path, dataset: str = "dicom") -> tuple[list[VolumeSpec], li
         first = Path(series.files[0]).parent
         rel = scrub(_rel(first, root), tokens)
         modality = normalise_modality(series.modality)
+        body_region = dicom_body_region(series.files[0])
         specs.append(
             VolumeSpec(
                 dataset=dataset,
@@ -443,7 +470,7 @@ def dicom_tree(root: Path, dataset: str = "dicom") -> tuple[list[VolumeSpec], li
                 source=first,
                 kind="dicom",
                 modality=modality,
-                body_region=None,
+                body_region=body_region,
                 channel=0,
                 series=series,
                 display_path=f"{rel}#{series.series_key[:12]}",

@@ -369,3 +369,20 @@ def test_sample_data_end_to_end_through_the_cli(tmp_path: Path):
     assert res.exit_code == 0 and "axial" in res.output
     res = runner.invoke(app, ["query", "SELEC nonsense", "--workdir", w])
     assert res.exit_code == 2
+
+
+def test_dicom_body_part_sets_region_and_ct_display_window(tmp_path: Path, phantom):
+    import pydicom
+
+    from curation.dicom_write import write_series
+
+    data, _ = phantom
+    files = write_series(data - 1000, ras_affine(), tmp_path / "dcm" / "s", modality="CT")
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.BodyPartExamined = "CHEST"
+        ds.save_as(f)
+    run_slice("dicom", tmp_path / "dcm", cfg_for(tmp_path / "w"), log=quiet)
+    v = read_manifest(tmp_path / "w/manifests/volumes.parquet").iloc[0]
+    assert v["body_region"] == "chest"
+    assert list(v["display_window"]) == [-1000.0, 400.0]
