@@ -29,6 +29,8 @@ from curation.volume_io import LoadedVolume, VolumeError
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 GAP_TOLERANCE = 0.10  # slice gaps may differ from the median gap by at most 10%
 SAME_POSITION_MM = 0.01  # slices closer than this along the normal share a position
+# Single-frame series that interleave several volumes at the same positions.
+STACK_KEYWORDS = ("EchoNumbers", "TemporalPositionIdentifier", "DiffusionBValue")
 ORIENTATION_ATOL = 1e-3  # direction cosines that differ by less are the same orientation
 DEFER_BYTES = 1024  # header reads seek past larger values (pixel data); read on first use
 
@@ -79,6 +81,7 @@ class _Header(NamedTuple):
     description: str
     n_frames: int
     tokens: frozenset[str]
+    stack: tuple[str, ...] = ()  # echo / temporal position / b-value: one volume each
 
 
 class _Frame(NamedTuple):
@@ -292,18 +295,20 @@ def _summarize(path: Path, ds: Dataset) -> _Header:
         path=path, series_uid=_text(ds, "SeriesInstanceUID") or f"no-series-uid:{path.parent}",
         size=(int(ds.Rows), int(ds.Columns)), orientation=_frames(ds, 0, first_only=True)[0].orientation,
         modality=_text(ds, "Modality") or None, description=_text(ds, "SeriesDescription"),
-        n_frames=_n_frames(ds), tokens=frozenset(tokens))
+        n_frames=_n_frames(ds), tokens=frozenset(tokens),
+        stack=tuple(_text(ds, k) for k in STACK_KEYWORDS))
 
 
 def _split_by_geometry(members: list[_Header]) -> list[list[_Header]]:
-    """Files of one series grouped by image size and orientation, in first-seen order."""
+    """Files of one series grouped by image size, orientation and stack (echo, temporal
+    position, b-value: multi-echo, dynamic and diffusion series), in first-seen order."""
     parts: list[list[_Header]] = []
     for header in members:
         for part in parts:
             a, b = part[0].orientation, header.orientation
             same = (a is None and b is None) or (
                 a is not None and b is not None and np.allclose(a, b, atol=ORIENTATION_ATOL))
-            if same and part[0].size == header.size:
+            if same and part[0].size == header.size and part[0].stack == header.stack:
                 part.append(header)
                 break
         else:

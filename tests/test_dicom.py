@@ -161,6 +161,25 @@ def test_two_series_in_one_folder(tmp_path: Path) -> None:
         assert load_series(s).data.shape[2] == s.n_frames
 
 
+def test_multi_echo_series_splits_into_one_volume_per_echo(tmp_path: Path) -> None:
+    """Two echoes interleaved in one SeriesInstanceUID at the same positions (multi-echo MR)."""
+    import pydicom
+
+    uid = "1.2.826.0.1.3680043.8.498.1234567"
+    for echo, seed in ((1, 11), (2, 12)):
+        files = write_series(volume(seed), AFFINES["axial_lps"], tmp_path / f"e{echo}", modality="MR", series_uid=uid)
+        for f in files:
+            ds = pydicom.dcmread(f)
+            ds.EchoNumbers = echo
+            ds.save_as(f)
+    series = find_series(tmp_path)
+    assert len(series) == 2 and {s.n_parts for s in series} == {2}
+    loaded = sorted((load_series(s).data for s in series), key=lambda a: float(a.mean()))
+    expected = sorted((load_series(find_series(tmp_path / f"e{e}")[0]).data for e in (1, 2)), key=lambda a: float(a.mean()))
+    for a, b in zip(loaded, expected):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_junk_and_truncated_header_are_skipped_and_reported(tmp_path: Path) -> None:
     paths = write_series(volume(9), AFFINES["axial_lps"], tmp_path)
     (tmp_path / "notes.txt").write_text("not dicom\n")
