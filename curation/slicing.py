@@ -26,6 +26,8 @@ from .manifest import PLANE_AXIS, PLANES, SLICES_SCHEMA, VOLUMES_SCHEMA, manifes
 from .preprocess import PreprocessConfig, guess_modality, preprocess
 from .volume_io import VolumeError, load_nifti
 
+# 4D files without channel names and more volumes than this are time series: keep volume 0.
+MAX_UNNAMED_CHANNELS = 8
 RANK_COLUMNS = ["vote_score", "vote_rank", "selection_order", "image_path", "image_sha256"]
 
 
@@ -241,6 +243,8 @@ def _process_volume(spec: VolumeSpec, cfg: SliceConfig, fp: str) -> list[dict[st
                 )
         if data.ndim == 4:
             channels = list(range(data.shape[3])) if spec.channel is None else [spec.channel]
+            if spec.channel is None and not spec.channel_names and len(channels) > MAX_UNNAMED_CHANNELS:
+                channels = [0]  # a time series (fMRI, DWI), not channels: its first volume only
             if spec.channel is not None and spec.channel >= data.shape[3]:
                 raise VolumeError(f"{spec.source}: channel {spec.channel} out of range for shape {data.shape}")
         elif data.ndim == 3:

@@ -386,3 +386,12 @@ def test_dicom_body_part_sets_region_and_ct_display_window(tmp_path: Path, phant
     v = read_manifest(tmp_path / "w/manifests/volumes.parquet").iloc[0]
     assert v["body_region"] == "chest"
     assert list(v["display_window"]) == [-1000.0, 400.0]
+
+
+def test_unnamed_4d_time_series_keeps_its_first_volume(tmp_path: Path, phantom):
+    data, _ = phantom
+    series = np.stack([data + t for t in range(12)], axis=-1)  # e.g. fMRI: 12 time points
+    save_nifti(tmp_path / "d" / "bold.nii.gz", series, ras_affine())
+    s = run_slice("nifti", tmp_path / "d", cfg_for(tmp_path / "w"), log=quiet)
+    assert s.processed == 1
+    assert run_slice("nifti", tmp_path / "d", cfg_for(tmp_path / "w"), log=quiet).skipped == 1
