@@ -9,7 +9,6 @@ for training, with a subject-wise deterministic 7:1:2 split.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from curation.fsutil import atomic_path
 from curation.manifest import manifest_dir, read_manifest, write_manifest
 from curation.render import render_slices
 
@@ -236,6 +236,5 @@ def _export_cache(db: CaptionCache, path: Path) -> None:
     df = db.to_dataframe()
     if "params" in df.columns:
         df["params"] = df["params"].map(lambda v: v if isinstance(v, str) else str(v))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from .fsutil import atomic_write_text
 from .manifest import PLANE_AXIS, SLICES_SCHEMA, manifest_dir, read_manifest, write_manifest
 from .rank_eval import evaluate, format_table
 from .vote import builtin_features, rank_pools, reduce_features
@@ -130,10 +130,8 @@ def run_rank(cfg: RankConfig, progress: Callable[[str, int, int], None] | None =
         summary.evaluation = result
         summary.evaluation_table = format_table(result)
         out = workdir / "reports" / "rank_eval.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"table": summary.evaluation_table, "result": result, "features": cfg.features}, indent=2))
-        os.replace(tmp, out)
+        payload = {"table": summary.evaluation_table, "result": result, "features": cfg.features}
+        atomic_write_text(out, json.dumps(payload, indent=2))
         summary.eval_path = out
     summary.seconds = time.perf_counter() - t0
     return summary

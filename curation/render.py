@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from .fsutil import atomic_write_bytes
 from .manifest import PLANE_AXIS
 
 
@@ -76,10 +76,7 @@ def render_slice(workdir: Path, volume: Mapping[str, Any], plane: str, index: in
     if path.exists():
         return rel, hashlib.sha256(path.read_bytes()).hexdigest()
     data = render_png(display_volume(workdir, volume), volume, plane, index, size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
     return rel, hashlib.sha256(data).hexdigest()
 
 

@@ -22,6 +22,7 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
+from .fsutil import atomic_write_text
 from .manifest import PLANES, manifest_dir, read_manifest
 from .query import release_manifests
 from .render import render_slices
@@ -98,10 +99,7 @@ def _table(df: pd.DataFrame) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _load_release(workdir: Path) -> tuple[str | None, pd.DataFrame]:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from .fsutil import atomic_path, atomic_write_bytes
 from .datasets import VolumeSpec, discover, known_subset, normalise_modality, scrub
 from .manifest import PLANE_AXIS, PLANES, SLICES_SCHEMA, VOLUMES_SCHEMA, manifest_dir, read_manifest, write_manifest
 from .preprocess import PreprocessConfig, guess_modality, preprocess
@@ -60,28 +61,15 @@ class SliceSummary:
 # --------------------------------------------------------------------------- helpers
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, arr)
-    os.replace(tmp, path)
 
 
 def save_display(path: Path, arr: np.ndarray) -> None:
     """uint8 display volume as a zstd-compressed .npy (``zstd -d`` gives a plain .npy)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with pa.output_stream(str(tmp), compression="zstd") as out:
+    with atomic_path(path) as tmp, pa.output_stream(str(tmp), compression="zstd") as out:
         np.save(out, arr)
-    os.replace(tmp, path)
 
 
 def load_display(path: str | Path) -> np.ndarray:
@@ -313,7 +301,7 @@ def _process_volume(spec: VolumeSpec, cfg: SliceConfig, fp: str) -> list[dict[st
             from .render import render_volume_slices
 
             render_volume_slices(workdir, rec, rows, size=cfg.render_size)
-        atomic_write_bytes(vdir / "record.json", json.dumps(rec, sort_keys=True).encode())
+        atomic_write_bytes(vdir / "record.json", json.dumps(rec, sort_keys=True).encode(), fsync=True)
         records.append(rec)
     return records
 

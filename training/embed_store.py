@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
@@ -24,6 +23,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from curation.fsutil import atomic_path, atomic_write_text
 
 
 def text_key(text: str) -> str:
@@ -35,10 +36,7 @@ def store_dir(workdir: str | Path, fingerprint: str) -> Path:
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def read_table(workdir: str | Path, fingerprint: str, kind: str) -> dict[str, np.ndarray]:
@@ -67,10 +65,8 @@ def write_table(workdir: str | Path, fingerprint: str, kind: str, keys: Iterable
     col = pa.FixedSizeListArray.from_arrays(values, dim) if dim else pa.array([], type=pa.list_(pa.float16()))
     table = pa.table({"key": pa.array(all_keys, type=pa.string()), "embedding": col})
     path = store_dir(workdir, fingerprint) / f"{kind}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 
