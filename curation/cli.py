@@ -155,9 +155,10 @@ def rank_cmd(
     workers: int = typer.Option(1, "--workers", help="Processes for the per-pool voting."),
     evaluate_: bool = typer.Option(False, "--evaluate", help="Report label and feature-space coverage vs random and central choice."),
 ) -> None:
-    """Vote-MI-style selection: every slice votes for its nearest neighbours; greedy, cluster-balanced
-    picks per (volume, plane); a global selection_order that covers every volume and plane first.
+    """Vote-MI-style selection of representative, diverse slices to caption first.
 
+    Every slice votes for its nearest neighbours; greedy, cluster-balanced picks per (volume,
+    plane); a global selection_order that covers every volume and plane first.
     Writes vote_score, vote_rank and selection_order into manifests/slices.parquet; `curate caption
     --budget N` spends its budget in that order. --evaluate also writes reports/rank_eval.json.
     """

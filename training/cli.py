@@ -215,8 +215,10 @@ def export_cmd(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Default: checkpoints/pretrain/latest.pt."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Default: <workdir>/exports."),
 ) -> None:
-    """Write the pretrained encoder as a state dict that loads strict=True into the matching MONAI
-    network (UNETR's vit, SwinUNETR's swinViT, ResNet), plus a JSON saying how."""
+    """Export the pretrained encoder as weights that load strict=True into MONAI.
+
+    A state dict for the matching MONAI network (UNETR's vit, SwinUNETR's swinViT, ResNet) plus
+    a JSON saying how to load it."""
     from .pretrain import export_latest
 
     try:
