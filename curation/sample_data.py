@@ -16,12 +16,28 @@ Nothing is downloaded: every file comes from site-packages.
 
 from __future__ import annotations
 
+import gzip
 import json
-import shutil
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from .fsutil import atomic_write_bytes
+
+
+def _put(path: Path, data: bytes) -> None:
+    """Write only when the content differs, so a rerun leaves files (and mtimes) alone and
+    `curate slice` can resume instead of reprocessing."""
+    if path.exists() and path.read_bytes() == data:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data)
+
+
+def _put_nifti(path: Path, img: nib.Nifti1Image) -> None:
+    _put(path, gzip.compress(img.to_bytes(), mtime=0))
 
 
 def _site_file(module: str, *parts: str) -> Path:
@@ -49,11 +65,11 @@ def write_mni_task(out: Path, resolution: int = 2) -> Path:
     img = nib.Nifti1Image(np.asarray(t1.dataobj).astype(np.float32), t1.affine)
     img.set_qform(t1.affine, code=1)
     img.set_sform(t1.affine, code=1)
-    nib.save(img, task / "imagesTr" / "mni152_001.nii.gz")
+    _put_nifti(task / "imagesTr" / "mni152_001.nii.gz", img)
     lab = nib.Nifti1Image(label, t1.affine)
     lab.set_qform(t1.affine, code=1)
     lab.set_sform(t1.affine, code=1)
-    nib.save(lab, task / "labelsTr" / "mni152_001.nii.gz")
+    _put_nifti(task / "labelsTr" / "mni152_001.nii.gz", lab)
     info = {
         "name": "MNI152",
         "description": "nilearn's MNI152 (ICBM 2009a symmetric) T1 template with tissue masks as labels",
@@ -63,7 +79,7 @@ def write_mni_task(out: Path, resolution: int = 2) -> Path:
         "training": [{"image": "./imagesTr/mni152_001.nii.gz", "label": "./labelsTr/mni152_001.nii.gz"}],
         "test": [],
     }
-    (task / "dataset.json").write_text(json.dumps(info, indent=2))
+    _put(task / "dataset.json", json.dumps(info, indent=2).encode())
     return task
 
 
@@ -72,9 +88,9 @@ def write_nibabel_subset(out: Path) -> Path:
     sub.mkdir(parents=True, exist_ok=True)
     data_dir = _site_file("nibabel", "tests", "data")
     for name in ("anatomical.nii", "example4d.nii.gz"):
-        shutil.copyfile(data_dir / name, sub / name)
+        _put(sub / name, (data_dir / name).read_bytes())
     lines = [f"BrainMR_nibabel/images/{n}" for n in ("anatomical.nii", "example4d.nii.gz")]
-    (out / "train.txt").write_text("\n".join(lines) + "\n")
+    _put(out / "train.txt", ("\n".join(lines) + "\n").encode())
     return sub
 
 
@@ -85,13 +101,13 @@ def write_dicom_samples(out: Path) -> Path:
     emri.mkdir(exist_ok=True)
     src = _site_file("data_store", "data", "emri_small.dcm")
     if src.exists():
-        shutil.copyfile(src, emri / "emri_small.dcm")
+        _put(emri / "emri_small.dcm", src.read_bytes())
     ct5n = _site_file("pydicom", "data", "test_files", "dicomdirtests", "98892001", "CT5N")
     if ct5n.is_dir():
         dst = out / "ct5n"
         dst.mkdir(exist_ok=True)
         for f in sorted(ct5n.iterdir()):
-            shutil.copyfile(f, dst / f"{f.name}.dcm")
+            _put(dst / f"{f.name}.dcm", f.read_bytes())
     return out
 
 
@@ -114,7 +130,9 @@ def write_mni_dicom(out: Path, resolution: int = 2) -> Path:
     oblique = aff.copy()
     oblique[:3, :3] = rot_z @ rot_x @ aff[:3, :3]
     dst = out / "mni_sagittal_oblique"
-    write_series(sag, oblique, dst, modality="MR", shuffle=True, instance_numbers="random", seed=7)
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in write_series(sag, oblique, Path(tmp), modality="MR", shuffle=True, instance_numbers="random", seed=7):
+            _put(dst / f.name, f.read_bytes())
     return dst
 
 

@@ -395,3 +395,17 @@ def test_unnamed_4d_time_series_keeps_its_first_volume(tmp_path: Path, phantom):
     s = run_slice("nifti", tmp_path / "d", cfg_for(tmp_path / "w"), log=quiet)
     assert s.processed == 1
     assert run_slice("nifti", tmp_path / "d", cfg_for(tmp_path / "w"), log=quiet).skipped == 1
+
+
+def test_sample_data_rerun_keeps_files_so_slicing_resumes(tmp_path: Path):
+    from curation.sample_data import write_nibabel_subset
+
+    root = tmp_path / "3dseg8"
+    write_nibabel_subset(root)
+    first = run_slice("3dseg8", root, cfg_for(tmp_path / "w"), log=quiet)
+    assert first.processed == 3
+    mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    write_nibabel_subset(root)
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == mtimes
+    again = run_slice("3dseg8", root, cfg_for(tmp_path / "w"), log=quiet)
+    assert again.processed == 0 and again.skipped == 2  # anatomical.nii + the 4D file (2 channels)
