@@ -254,6 +254,7 @@ def run_captions(
     dry_run: bool = False,
     retry_refused: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    on_update: Callable[[CaptionSummary], None] | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     temperature: float = DEFAULT_TEMPERATURE,
     timeout: float = 60.0,
@@ -272,6 +273,8 @@ def run_captions(
         dry_run: plan only: counts, tokens and USD, zero requests.
         retry_refused: re-ask refused slices with the fallback prompt.
         progress: called as ``progress(done, total)`` after each answered request.
+        on_update: called with the live summary right after ``progress`` (cache hits,
+            failures, tokens and USD so far), for progress displays.
         batch_dir: where batch state lives (default: ``<cache dir>/batches``).
 
     Raises:
@@ -298,12 +301,17 @@ def run_captions(
         else:
             exclude = store.pending_keys() if store is not None else set()
             jobs, summary = _plan(o, requests, db, exclude)
+            report = progress
+            if progress is not None and on_update is not None:
+                def report(done: int, total: int) -> None:
+                    progress(done, total)
+                    on_update(summary)
             if dry_run or not jobs:
                 pass
             elif o.provider == OFFLINE_PROVIDER:
-                _run_offline(o, jobs, db, summary, progress)
+                _run_offline(o, jobs, db, summary, report)
             else:
-                asyncio.run(_run_sync(o, jobs, db, summary, progress))
+                asyncio.run(_run_sync(o, jobs, db, summary, report))
         summary.elapsed_s = time.monotonic() - started
         return summary
     finally:

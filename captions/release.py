@@ -134,8 +134,16 @@ def next_release_path(workdir: Path) -> Path:
     return manifest_dir(workdir) / f"v{n}.parquet"
 
 
-def run_release(cfg: CaptionConfig, progress: Callable[[str, int, int], None] | None = None) -> ReleaseResult:
-    """Select, render, caption (within budget) and write the release manifest."""
+def run_release(
+    cfg: CaptionConfig,
+    progress: Callable[[str, int, int], None] | None = None,
+    on_update: Callable[[CaptionSummary], None] | None = None,
+) -> ReleaseResult:
+    """Select, render, caption (within budget) and write the release manifest.
+
+    ``progress(stage, done, total)`` reports rendering and captioning; ``on_update(summary)``
+    gets the engine's live counts (cache hits, failures, tokens, USD) while captioning.
+    """
     workdir = Path(cfg.workdir)
     out = Path(cfg.out) if cfg.out else manifest_dir(workdir) / "v1.parquet"
     if not out.is_absolute() and not str(out).startswith(str(workdir)):
@@ -196,6 +204,7 @@ def run_release(cfg: CaptionConfig, progress: Callable[[str, int, int], None] | 
             dry_run=cfg.dry_run,
             retry_refused=cfg.retry_refused,
             progress=(lambda d, t: progress("captioning", d, t)) if progress else None,
+            on_update=on_update,
             timeout=cfg.timeout,
             batch_wait=cfg.batch_wait,
         )

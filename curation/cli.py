@@ -246,8 +246,15 @@ def caption_cmd(
                 tasks[stage] = progress.add_task(stage, total=total, note="")
             progress.update(tasks[stage], completed=done, total=total)
 
+        def on_update(s) -> None:
+            usd = "n/a" if s.usd_actual is None else f"${s.usd_actual:.4f}"
+            note = (f"cached {s.cached} · ok {s.succeeded} · refused {s.refused} · failed {s.failed} · "
+                    f"tokens {s.prompt_tokens}/{s.completion_tokens} · {usd}")
+            if "captioning" in tasks:
+                progress.update(tasks["captioning"], note=note)
+
         try:
-            result = run_release(cfg, progress=on_progress)
+            result = run_release(cfg, progress=on_progress, on_update=on_update)
         except (FileNotFoundError, FileExistsError, ValueError) as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2)
@@ -272,6 +279,9 @@ def caption_cmd(
         table.add_row("release manifest", f"{result.out} ({result.rows} rows, {result.refused} refused)")
         table.add_row("splits", ", ".join(f"{k} {v}" for k, v in sorted(result.splits.items())))
     out.print(table)
+    if result.refused and not retry_refused:
+        console.print(f"{result.refused} refused or empty answers are flagged, not used; "
+                      "rerun with --retry-refused to re-ask them with the fallback prompt")
     for err in s.errors[:10]:
         console.print(f"error: {err}")
     if s.stopped:
