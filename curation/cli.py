@@ -127,6 +127,8 @@ def slice_cmd(
     table.add_row("slices manifest", str(summary.slices_path))
     out.print(table)
     ok = summary.processed + summary.skipped
+    if ok + summary.errors == 0:
+        console.print(f"[red]error:[/red] {root}: no {dataset} volumes found (check --dataset and --root)")
     if ok == 0 or (strict and summary.errors):
         raise typer.Exit(1)
 
