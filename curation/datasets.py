@@ -48,6 +48,11 @@ LITS_LABELS = {"1": "liver", "2": "liver tumour"}
 BRATS_LABELS = {"1": "necrotic tumour core", "2": "peritumoral edema", "3": "enhancing tumour", "4": "enhancing tumour"}
 BRATS_CHANNELS = ["flair", "t1", "t1ce", "t2"]
 LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_mask", "_gt", "-seg", "-label")
+MAX_IMAGES_PER_CASE_FOLDER = 8  # a folder with more images is a flat image folder, not one case
+GENERIC_STEMS = {
+    "imaging", "image", "img", "ct", "mr", "mri", "t1", "t1w", "t1ce", "t1gd", "t1c", "t2", "t2w",
+    "flair", "pd", "dwi", "adc", "volume", "scan", "data",
+}
 LABEL_DIRS = ("labelsTr", "labels", "label", "masks", "mask", "segmentations", "seg")
 
 
@@ -228,6 +233,20 @@ def nifti_folder(root: Path, dataset: str = "nifti", label_root: Path | None = N
         and not _is_label_name(p)
         and not any(part in LABEL_DIRS for part in p.relative_to(root).parts[:-1])
     )
+    per_folder: dict[Path, list[Path]] = {}
+    for img in images:
+        per_folder.setdefault(img.parent, []).append(img)
+
+    def is_case_folder(folder: Path) -> bool:
+        """One subject per folder: a single image, or images named by modality / folder name."""
+        members = per_folder[folder]
+        if folder == root or len(members) > MAX_IMAGES_PER_CASE_FOLDER:
+            return False
+        if len(members) == 1:
+            return True
+        stems = [_stem(m).lower() for m in members]
+        return all(st in GENERIC_STEMS or st.startswith(folder.name.lower()) for st in stems)
+
     specs = []
     for img in images:
         roots = [img.parent]
@@ -236,14 +255,23 @@ def nifti_folder(root: Path, dataset: str = "nifti", label_root: Path | None = N
         for name in LABEL_DIRS:
             roots.append(img.parent.parent / name)
             roots.append(img.parent / name)
+        case_folder = is_case_folder(img.parent)
         lab = label_for(img, roots)
-        subset = root.name if img.parent == root else img.parent.relative_to(root).parts[0]
+        if lab is None and case_folder and len(per_folder[img.parent]) == 1:
+            # KiTS-style case folders: imaging.nii.gz + segmentation.nii.gz
+            named = [p for p in img.parent.iterdir() if p.is_file() and is_nifti_path(p) and _is_label_name(p)]
+            lab = named[0] if len(named) == 1 else None
+        first = img.relative_to(root).parts[0] if img.parent != root else root.name
+        subset = first if known_subset(first) != (None, None) else root.name
         mod, region = known_subset(subset)
+        rel = img.relative_to(root)
+        # one subject per case folder (all its modalities), else one per file
+        case_key = rel.parent.as_posix() if case_folder else rel.with_name(_stem(img)).as_posix()
         specs.append(
             VolumeSpec(
                 dataset=dataset,
                 subset=subset,
-                case_key=_stem(img),
+                case_key=case_key,
                 source=img,
                 label=lab,
                 modality=mod,

@@ -409,3 +409,29 @@ def test_sample_data_rerun_keeps_files_so_slicing_resumes(tmp_path: Path):
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == mtimes
     again = run_slice("3dseg8", root, cfg_for(tmp_path / "w"), log=quiet)
     assert again.processed == 0 and again.skipped == 2  # anatomical.nii + the 4D file (2 channels)
+
+
+def test_nifti_case_folders_and_flat_folders(tmp_path: Path, phantom):
+    """KiTS-style case folders (imaging + segmentation) are one subject each, with their label;
+    a flat images/ folder is one subject per file."""
+    data, label = phantom
+    aff = ras_affine()
+    root = tmp_path / "kits19"
+    for k in range(2):
+        save_nifti(root / f"case_0000{k}" / "imaging.nii.gz", data - 1000, aff)
+        save_nifti(root / f"case_0000{k}" / "segmentation.nii.gz", label, aff)
+    save_nifti(root / "case_00002" / "t1.nii.gz", data, aff)
+    save_nifti(root / "case_00002" / "t2.nii.gz", data * 0.5, aff)
+    s = run_slice("nifti", root, cfg_for(tmp_path / "w"), log=quiet)
+    assert s.processed == 4 and s.errors == 0
+    vols = read_manifest(tmp_path / "w/manifests/volumes.parquet")
+    assert vols["case_id"].nunique() == 3  # case_00002's t1 and t2 are one subject
+    assert vols["label_volume_path"].notna().sum() == 2
+    assert set(vols["subset"]) == {"kits19"}
+    kits = vols[vols["label_volume_path"].notna()]
+    assert set(kits["modality"]) == {"CT"} and set(kits["body_region"]) == {"abdomen"}
+    flat = tmp_path / "flat"
+    for k in range(3):
+        save_nifti(flat / "images" / f"p{k}.nii.gz", data, aff)
+    run_slice("nifti", flat, cfg_for(tmp_path / "w2"), log=quiet)
+    assert read_manifest(tmp_path / "w2/manifests/volumes.parquet")["case_id"].nunique() == 3
