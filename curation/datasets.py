@@ -222,7 +222,9 @@ def _is_label_name(path: Path) -> bool:
     return stem.endswith(LABEL_SUFFIXES) or stem.startswith("segmentation")
 
 
-def nifti_folder(root: Path, dataset: str = "nifti", label_root: Path | None = None) -> list[VolumeSpec]:
+def nifti_folder(
+    root: Path, dataset: str = "nifti", label_root: Path | None = None, top_level_subsets: bool = False
+) -> list[VolumeSpec]:
     """Every NIfTI file under ``root`` (recursively); labels from a sibling label folder,
     ``--label-root``, or ``<stem>_seg``-style files beside the image."""
     images = sorted(
@@ -262,7 +264,7 @@ def nifti_folder(root: Path, dataset: str = "nifti", label_root: Path | None = N
             named = [p for p in img.parent.iterdir() if p.is_file() and is_nifti_path(p) and _is_label_name(p)]
             lab = named[0] if len(named) == 1 else None
         first = img.relative_to(root).parts[0] if img.parent != root else root.name
-        subset = first if known_subset(first) != (None, None) else root.name
+        subset = first if top_level_subsets or known_subset(first) != (None, None) else root.name
         mod, region = known_subset(subset)
         rel = img.relative_to(root)
         # one subject per case folder (all its modalities), else one per file
@@ -422,6 +424,12 @@ def seg8(root: Path) -> list[VolumeSpec]:
         found = [s for s in finder(root, skip) if outside_tasks(s)]
         skip |= {s.source.resolve() for s in found}
         specs.extend(found)
+    # Anything else (e.g. KiTS case folders): the generic NIfTI rules, one subset per top folder.
+    rest = [
+        s for s in nifti_folder(root, dataset="3dseg8", top_level_subsets=True)
+        if s.source.resolve() not in skip and outside_tasks(s)
+    ]
+    specs.extend(rest)
     return specs
 
 

@@ -282,11 +282,15 @@ def test_3dseg8_discovers_every_layout(tmp_path: Path, phantom):
     save_nifti(root / "MRBrainS18" / "label" / "070.nii.gz", label, aff)
     save_nifti(root / "Heart" / "img" / "h1.nii.gz", data, aff)
     (root / "train.txt").write_text("Heart/img/h1.nii.gz\n")
+    save_nifti(root / "KiTS19" / "case_00000" / "imaging.nii.gz", data - 1000, aff)
+    save_nifti(root / "KiTS19" / "case_00000" / "segmentation.nii.gz", label, aff)
     s = run_slice("3dseg8", root, cfg_for(tmp_path / "w"), log=quiet)
     vols = read_manifest(tmp_path / "w/manifests/volumes.parquet")
     assert s.errors == 0, vols["error"].dropna().tolist()
     by_subset = vols.groupby("subset")["volume_id"].count().to_dict()
-    assert by_subset == {"BraTS2020": 4, "Heart": 1, "LiTS": 1, "MRBrainS18": 1, "Task09_Spleen": 1}
+    assert by_subset == {"BraTS2020": 4, "Heart": 1, "KiTS19": 1, "LiTS": 1, "MRBrainS18": 1, "Task09_Spleen": 1}
+    kits = vols[vols["subset"] == "KiTS19"].iloc[0]
+    assert kits["modality"] == "CT" and kits["label_volume_path"] is not None
     lits = vols[vols["subset"] == "LiTS"].iloc[0]
     assert lits["modality"] == "CT" and lits["body_region"] == "abdomen"
     brats = vols[vols["subset"] == "BraTS2020"]
