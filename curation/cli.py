@@ -81,6 +81,8 @@ def slice_cmd(
     render_all: bool = typer.Option(False, "--render-all", help="Render every slice PNG now (tens of GB on a full 3DSeg-8)."),
     render_size: int = typer.Option(512, "--render-size", help="PNG size in pixels."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any volume failed."),
+    modality: Optional[str] = typer.Option(None, "--modality", help="Force the modality of every volume (CT, MR); default: dataset.json, DICOM header, known sub-datasets, then a guess."),
+    body_region: Optional[str] = typer.Option(None, "--body-region", help="Force the body region (brain, head, chest, abdomen, pelvis, heart)."),
 ) -> None:
     """Load volumes, preprocess them (RAS, isotropic, [0,1], cube, grid^3) and index every slice.
 
@@ -104,6 +106,8 @@ def slice_cmd(
         render_all=render_all,
         render_size=render_size,
         strict=strict,
+        modality=modality,
+        body_region=body_region,
     )
     with _progress() as progress:
         task = progress.add_task("slicing", total=None, note="")

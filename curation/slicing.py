@@ -44,6 +44,8 @@ class SliceConfig:
     render_all: bool = False
     render_size: int = 512
     strict: bool = False
+    modality: str | None = None  # override for every volume of the run (CT, MR, ...)
+    body_region: str | None = None  # override (brain, chest, abdomen, pelvis, heart, ...)
 
 
 @dataclass
@@ -91,7 +93,8 @@ def fingerprint(spec: VolumeSpec, cfg: SliceConfig) -> str:
     files = spec.series.files if spec.kind == "dicom" else [spec.source]
     stats = [_file_stat(Path(f)) for f in files] + [_file_stat(spec.label)]
     payload = json.dumps(
-        {"stats": stats, "pre": cfg.pre.fingerprint(), "fg": cfg.min_foreground, "channel": spec.channel},
+        {"stats": stats, "pre": cfg.pre.fingerprint(), "fg": cfg.min_foreground, "channel": spec.channel,
+         "modality": cfg.modality, "body_region": cfg.body_region},
         sort_keys=True,
         default=str,
     )
@@ -259,8 +262,8 @@ def _process_volume(spec: VolumeSpec, cfg: SliceConfig, fp: str) -> list[dict[st
         modality = normalise_modality(spec.modality) or normalise_modality(loaded.modality)
         if ch_name and normalise_modality(ch_name) in ("CT", "MR"):
             modality = normalise_modality(ch_name)
-        modality = modality or guess_modality(arr)
-        body_region = spec.body_region or known_subset(spec.subset)[1]
+        modality = normalise_modality(cfg.modality) or modality or guess_modality(arr)
+        body_region = cfg.body_region or spec.body_region or known_subset(spec.subset)[1]
         rec.update(
             modality=modality,
             body_region=body_region,

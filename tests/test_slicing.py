@@ -439,3 +439,12 @@ def test_nifti_case_folders_and_flat_folders(tmp_path: Path, phantom):
         save_nifti(flat / "images" / f"p{k}.nii.gz", data, aff)
     run_slice("nifti", flat, cfg_for(tmp_path / "w2"), log=quiet)
     assert read_manifest(tmp_path / "w2/manifests/volumes.parquet")["case_id"].nunique() == 3
+
+
+def test_modality_and_body_region_overrides(tmp_path: Path, phantom):
+    data, _ = phantom
+    save_nifti(tmp_path / "d" / "x.nii.gz", data, ras_affine())
+    run_slice("nifti", tmp_path / "d", cfg_for(tmp_path / "w", modality="CT", body_region="chest"), log=quiet)
+    v = read_manifest(tmp_path / "w/manifests/volumes.parquet").iloc[0]
+    assert (v["modality"], v["body_region"]) == ("CT", "chest")
+    assert list(v["intensity_window"]) == [-1000.0, 1000.0] and list(v["display_window"]) == [-1000.0, 400.0]
