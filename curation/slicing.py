@@ -464,14 +464,15 @@ def _keep_rank_columns(slice_df: pd.DataFrame, old_path: Path, resumed_ids: set[
 
 
 def _with_other_datasets(
-    vol_df: pd.DataFrame, slice_df: pd.DataFrame, workdir: Path, dataset: str
+    vol_df: pd.DataFrame, slice_df: pd.DataFrame, workdir: Path, dataset: str | set[str]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One workdir can hold several datasets: a run replaces only its own dataset's rows."""
+    datasets = {dataset} if isinstance(dataset, str) else set(dataset)
     vpath, spath = manifest_dir(workdir) / "volumes.parquet", manifest_dir(workdir) / "slices.parquet"
     if not vpath.exists():
         return vol_df, slice_df
     old_v = read_manifest(vpath)
-    old_v = old_v[(old_v["dataset"] != dataset) & ~old_v["volume_id"].isin(vol_df["volume_id"])]
+    old_v = old_v[~old_v["dataset"].isin(datasets) & ~old_v["volume_id"].isin(vol_df["volume_id"])]
     if old_v.empty:
         return vol_df, slice_df
     vol_df = pd.concat([old_v, vol_df], ignore_index=True).sort_values("volume_id", ignore_index=True)
@@ -495,6 +496,7 @@ def merge_shards(workdir: Path) -> tuple[Path, Path, int, int]:
     vol_df = vol_df.drop_duplicates("volume_id", keep="last").sort_values("volume_id", ignore_index=True)
     slice_df = slice_df.drop_duplicates("slice_id", keep="last")
     slice_df = slice_df.sort_values(["volume_id", "plane_index", "index"], ignore_index=True)
+    vol_df, slice_df = _with_other_datasets(vol_df, slice_df, workdir, set(vol_df["dataset"].dropna()))
     vp = write_manifest(vol_df, manifest_dir(workdir) / "volumes.parquet", VOLUMES_SCHEMA, {"merged_shards": len(vols)})
     sp = write_manifest(slice_df, manifest_dir(workdir) / "slices.parquet", SLICES_SCHEMA, {"merged_shards": len(vols)})
     return vp, sp, len(vol_df), len(slice_df)

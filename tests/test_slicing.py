@@ -238,9 +238,21 @@ def test_shards_then_merge_equal_single_run(tmp_path: Path):
         run_slice("msd", task, cfg_for(tmp_path / "sh", shard=(i, 2)), log=quiet)
     assert not (tmp_path / "sh/manifests/volumes.parquet").exists()
     merge_shards(tmp_path / "sh")
+    # another dataset sliced into the same workdir survives a later merge
+    data, _ = phantom_ras(seed=9)
+    save_nifti(tmp_path / "other" / "x.nii.gz", data, ras_affine())
+    run_slice("nifti", tmp_path / "other", cfg_for(tmp_path / "sh"), log=quiet)
+    merge_shards(tmp_path / "sh")
+    merged = read_manifest(tmp_path / "sh/manifests/volumes.parquet")
+    assert set(merged["dataset"]) == {"msd", "nifti"}
+    merged_slices = read_manifest(tmp_path / "sh/manifests/slices.parquet")
+    assert set(merged_slices["volume_id"]) == set(merged["volume_id"])
+    # the single-run comparison below is about the msd rows
+    msd_ids = set(merged[merged["dataset"] == "msd"]["volume_id"])
     for name in ("volumes.parquet", "slices.parquet"):
         a = read_manifest(tmp_path / "one/manifests" / name)
         b = read_manifest(tmp_path / "sh/manifests" / name)
+        b = b[b["volume_id"].isin(msd_ids)].reset_index(drop=True)
         pd.testing.assert_frame_equal(a, b)
 
 
