@@ -15,7 +15,6 @@ import asyncio
 import datetime as _dt
 import json
 import logging
-import os
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 import openai
 
 from captions.cache import CaptionCache
+from curation.fsutil import atomic_write_text
 from captions.client import (
     MalformedResponse, RetryPolicy, call_with_retry, make_openai, parse_completion, redact,
 )
@@ -69,17 +69,7 @@ class BatchReport:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write_text(path, text, fsync=True)
 
 
 class BatchStore:

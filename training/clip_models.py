@@ -21,6 +21,8 @@ import open_clip
 import torch
 from torch import nn
 
+from curation.fsutil import atomic_path
+
 HF_HUB_PREFIX = "hf-hub:"
 TINY_CONFIG = Path(__file__).parent / "configs" / "tiny-clip.json"
 CHECKPOINT_FORMAT = "med3dinsight-clip/1"
@@ -128,10 +130,8 @@ def checkpoint_dict(model: nn.Module, name: str, model_cfg: dict[str, Any], **ex
 def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> Path:
     """torch.save to a temp file then rename, so a crash never leaves a half-written checkpoint."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
     return path
 
 

@@ -13,6 +13,7 @@ import monai
 import torch
 from torch import nn
 
+from curation.fsutil import atomic_path, atomic_write_text
 from training.encoders import Encoder3D
 
 FORMAT = "med3dinsight-encoder/1"
@@ -72,9 +73,8 @@ def export_encoder(
     json_path = out / f"{name}_encoder.json"
 
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.monai_module.state_dict().items()}
-    tmp = weights_path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, weights_path)
+    with atomic_path(weights_path) as tmp:
+        torch.save(state, tmp)
 
     target = encoder.monai_target()
     config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
@@ -92,9 +92,7 @@ def export_encoder(
         "torch_version": torch.__version__,
         "snippet": _snippet(target, weights_path.name),
     }
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, json_path)
+    atomic_write_text(json_path, json.dumps(meta, indent=2) + "\n")
     return weights_path, json_path
 
 

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from training.embed_store import load_embeddings
 from training.encoders import Encoder3D, build_encoder_from_config, encoder_config
+from curation.fsutil import atomic_path
 from training.export import export_encoder
 from training.losses import AlignmentLoss
 from training.pretrain_data import (
@@ -248,9 +249,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _point_latest(target: Path, latest: Path) -> None:
