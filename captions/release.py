@@ -94,8 +94,9 @@ def _context(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def candidate_slices(workdir: Path, all_slices: bool = False) -> pd.DataFrame:
-    """Slices of ok volumes joined with their volume columns, in the order captions are bought."""
+def candidate_slices(workdir: Path, all_slices: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Slices of ok volumes joined with their volume columns, in the order captions are bought,
+    and the ok volumes themselves (for rendering)."""
     mdir = manifest_dir(workdir)
     if not (mdir / "slices.parquet").exists():
         raise FileNotFoundError(f"{mdir / 'slices.parquet'}: no slices yet (run `curate slice` first)")
@@ -108,10 +109,10 @@ def candidate_slices(workdir: Path, all_slices: bool = False) -> pd.DataFrame:
         volumes[["volume_id", *VOLUME_COLUMNS]], on="volume_id", how="inner"
     )
     if all_slices:
-        return df.sort_values(["volume_id", "plane_index", "index"], ignore_index=True)
+        return df.sort_values(["volume_id", "plane_index", "index"], ignore_index=True), volumes
     if df["selection_order"].isna().all():
         raise ValueError("slices are not ranked yet: run `curate rank` first (or pass --all)")
-    return df.sort_values("selection_order", ignore_index=True)
+    return df.sort_values("selection_order", ignore_index=True), volumes
 
 
 def _requests(df: pd.DataFrame, workdir: Path) -> list[CaptionRequest]:
@@ -152,8 +153,7 @@ def run_release(
         raise FileExistsError(
             f"{out} exists and release manifests are immutable; pass --out {next_release_path(workdir).relative_to(workdir)}"
         )
-    cands = candidate_slices(workdir, cfg.all_slices)
-    volumes = read_manifest(manifest_dir(workdir) / "volumes.parquet")
+    cands, volumes = candidate_slices(workdir, cfg.all_slices)
     cache_dir = workdir / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     db = CaptionCache(cache_dir / "captions.sqlite")
