@@ -202,6 +202,13 @@ def _base_record(spec: VolumeSpec, channel: int | None, cfg: SliceConfig) -> dic
     }
 
 
+def _error_record(spec: VolumeSpec, cfg: SliceConfig, message: str) -> dict[str, Any]:
+    """The status=error row of a source that produced no volume (patient tokens scrubbed)."""
+    rec = _base_record(spec, spec.channel if spec.channel is not None else 0, cfg)
+    rec["error"] = scrub(message, spec.scrub_tokens)
+    return rec
+
+
 def process_volume(spec: VolumeSpec, cfg: SliceConfig, fp: str) -> list[dict[str, Any]]:
     """Preprocess one source (all its channels) and write its folder(s). Never raises on bad input.
 
@@ -217,9 +224,7 @@ def process_volume(spec: VolumeSpec, cfg: SliceConfig, fp: str) -> list[dict[str
 def _process_volume(spec: VolumeSpec, cfg: SliceConfig, fp: str) -> list[dict[str, Any]]:
     workdir = Path(cfg.workdir)
     if spec.error:
-        rec = _base_record(spec, spec.channel if spec.channel is not None else 0, cfg)
-        rec["error"] = spec.error
-        return [rec]
+        return [_error_record(spec, cfg, spec.error)]
     try:
         loaded = _load(spec)
         data = _squeeze_extra(np.asarray(loaded.data))
@@ -246,13 +251,10 @@ def _process_volume(spec: VolumeSpec, cfg: SliceConfig, fp: str) -> list[dict[st
             raise VolumeError(f"{spec.source}: unsupported array shape {tuple(data.shape)}")
         source_sha = sha256_files(spec.series.files if spec.kind == "dicom" else [spec.source])
     except VolumeError as exc:
-        rec = _base_record(spec, spec.channel if spec.channel is not None else 0, cfg)
-        rec["error"] = str(exc)
-        return [rec]
+        return [_error_record(spec, cfg, str(exc))]
     except Exception as exc:  # a reader bug must not stop the run
-        rec = _base_record(spec, spec.channel if spec.channel is not None else 0, cfg)
-        rec["error"] = f"{spec.source}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        return [rec]
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        return [_error_record(spec, cfg, f"{spec.source}: {type(exc).__name__}: {first}")]
 
     records = []
     for ch in channels:
@@ -415,9 +417,7 @@ def run_slice(
                 try:
                     collect(fut.result())
                 except Exception as exc:  # a crashed worker: record and go on
-                    rec = _base_record(spec, spec.channel or 0, cfg)
-                    rec["error"] = f"{spec.source}: worker failed ({type(exc).__name__}: {exc})"
-                    collect([rec])
+                    collect([_error_record(spec, cfg, f"{spec.source}: worker failed ({type(exc).__name__}: {exc})")])
                 if on_progress:
                     on_progress(k + 1, total, spec.display_path)
 
