@@ -1,18 +1,19 @@
 """`curate caption` throughput against a rate-limited 200 ms server, vs a naive loop; cached reruns.
 
-One run, side by side, against ``tests/fake_openai.py`` (a real HTTP server on 127.0.0.1 speaking
+One run, side by side, against ``captions.fake_server`` (a real HTTP server on 127.0.0.1 speaking
 the OpenAI API; every chat answer takes ``--latency`` s and the server itself answers 429 past
 ``--rpm`` requests in any sliding 60 s window):
 
-- ``ours``     : ``captions.engine.run_captions(provider="openai", base_url=<fake>, concurrency=C,
-                 rpm=R)`` over N tiny distinct PNGs into a fresh ``CaptionCache`` (what
+- ``ours``     : ``captions.engine.run_captions(requests, CaptionOptions(base_url=<fake>,
+                 concurrency=C, rpm=R))`` over N tiny distinct PNGs into a fresh ``CaptionCache`` (what
                  ``curate caption --concurrency C --rpm R`` does after choosing the slices);
 - ``naive``    : the plain ``openai.OpenAI`` client (its defaults: max_retries=2) calling
                  ``chat.completions.create`` one request at a time over the same N requests (same
                  messages, built by ``captions.prompts.build_messages``), answers into a dict;
 - ``cached``   : ``run_captions`` again over the same N requests and cache (must send nothing);
 - ``cached-50k``: ``run_captions`` over 50,000 requests whose keys are all in a cache filled with
-                 50,000 rows (``put_many``, rows shaped by the engine's ``_job``/``_row``);
+                 50,000 rows (``put_many``, rows made by ``captions.jobs``' ``caption_job`` and
+                 ``cache_row``, as the engine makes them);
                  the requests share 50 PNG files but carry distinct made-up ``image_sha256``
                  values (the key is made from the sha, not from the file). File opens under the
                  PNG folder are counted with an audit hook: planning must not read images for
@@ -42,20 +43,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import openai
+from PIL import Image
+
+from captions.cache import CaptionCache
+from captions.client import Answer
+from captions.engine import run_captions
+from captions.fake_server import FakeConfig, FakeOpenAI
+from captions.jobs import CaptionRequest, cache_row, caption_job
+from captions.options import CaptionOptions
+from captions.prompts import build_messages
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-
-import openai  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from captions import engine  # noqa: E402
-from captions.cache import CaptionCache  # noqa: E402
-from captions.engine import CaptionRequest, run_captions  # noqa: E402
-from captions.prompts import PROMPT_VERSION, build_messages  # noqa: E402
-from fake_openai import FakeConfig, FakeOpenAI  # noqa: E402
-
 API_KEY = "sk-bench"
+DEFAULTS = CaptionOptions()  # the model and generation settings `curate caption` uses
 PLANES = ("axial", "coronal", "sagittal")
 LABELS = (["liver", "right_kidney"], ["spleen"], [], ["brain", "ventricles"], ["lung"])
 
@@ -91,6 +92,12 @@ def live_requests(pngs: list[tuple[Path, str]]) -> list[CaptionRequest]:
 
 def server(latency: float, rpm: float) -> FakeOpenAI:
     return FakeOpenAI(FakeConfig(api_key=API_KEY, latency=latency, rpm_limit=rpm)).start()
+
+
+def live_options(fake: FakeOpenAI, args: argparse.Namespace) -> CaptionOptions:
+    """What ``curate caption --base-url <fake> --concurrency C --rpm R`` passes to the engine."""
+    return CaptionOptions(provider="openai", base_url=fake.base_url, api_key=API_KEY,
+                          concurrency=args.concurrency, rpm=args.rpm)
 
 
 def server_stats(fake: FakeOpenAI, started: float, rpm: float) -> dict[str, Any]:
@@ -129,8 +136,7 @@ def bench_ours(reqs: list[CaptionRequest], cache_path: Path, args: argparse.Name
     fake = server(args.latency, args.rpm)
     try:
         started = time.monotonic()
-        summary = run_captions(reqs, provider="openai", base_url=fake.base_url, api_key=API_KEY,
-                               cache=cache_path, concurrency=args.concurrency, rpm=args.rpm)
+        summary = run_captions(reqs, live_options(fake, args), cache=cache_path)
         seconds = time.monotonic() - started
         stats = server_stats(fake, started, args.rpm)
     finally:
@@ -151,9 +157,9 @@ def bench_naive(reqs: list[CaptionRequest], args: argparse.Namespace) -> dict[st
         started = time.monotonic()
         for req in reqs:
             messages = build_messages(req, req.image_path.read_bytes(), "low")
-            resp = client.chat.completions.create(model=engine.DEFAULT_MODEL, messages=messages,
-                                                  max_tokens=engine.DEFAULT_MAX_TOKENS,
-                                                  temperature=engine.DEFAULT_TEMPERATURE)
+            resp = client.chat.completions.create(model=DEFAULTS.model, messages=messages,
+                                                  max_tokens=DEFAULTS.max_tokens,
+                                                  temperature=DEFAULTS.temperature)
             answers[req.slice_id] = resp.choices[0].message.content
         seconds = time.monotonic() - started
         client.close()
@@ -172,8 +178,7 @@ def bench_cached(reqs: list[CaptionRequest], cache_path: Path, args: argparse.Na
     try:
         OPENS.update(count=0, prefixes=png_dirs, on=True)
         started = time.monotonic()
-        summary = run_captions(reqs, provider="openai", base_url=fake.base_url, api_key=API_KEY,
-                               cache=cache_path, concurrency=args.concurrency, rpm=args.rpm)
+        summary = run_captions(reqs, live_options(fake, args), cache=cache_path)
         seconds = time.monotonic() - started
         OPENS["on"] = False
         stats = server_stats(fake, started, args.rpm)
@@ -192,14 +197,10 @@ def fill_synthetic_cache(cache_path: Path, n: int, png_dir: Path) -> tuple[list[
     reqs = [CaptionRequest(f"syn{i:06d}:{PLANES[i % 3]}:{i % 200}", pngs[i % 50][0],
                            hashlib.sha256(f"synthetic-image-{i}".encode()).hexdigest(), context(i))
             for i in range(n)]
-    opts = engine._options("openai", engine.DEFAULT_MODEL, "low", engine.DEFAULT_MAX_TOKENS,
-                           engine.DEFAULT_TEMPERATURE, "sync")
     rows = []
     for i, req in enumerate(reqs):
-        job = engine._job(opts, req, PROMPT_VERSION)
-        rows.append(engine._row(job, opts, text=f"Synthetic cached caption {i}.", model=opts.model,
-                                finish_reason="stop", refused=False, prompt_tokens=150,
-                                completion_tokens=40, cost_usd=4e-5, request_id=f"req_syn{i}", mode="sync"))
+        answer = Answer(f"Synthetic cached caption {i}.", "stop", False, 150, 40, f"req_syn{i}", DEFAULTS.model)
+        rows.append(cache_row(caption_job(DEFAULTS, req).item, answer, "sync"))
     started = time.monotonic()
     with CaptionCache(cache_path) as db:
         for k in range(0, len(rows), 10_000):

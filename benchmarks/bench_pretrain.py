@@ -2,10 +2,11 @@
 
 Rows, all from one run in one process (so the ratios come from one machine at one time):
 
-- ``step``   : what one optimizer step of `train pretrain` computes: encoder (default MONAI ViT as
-               UNETR's, 128^3, patch 16, hidden 768, 12 layers) -> PSAT (Q=300, width 512, 2
-               layers) -> AlignmentLoss (image + text InfoNCE) -> backward -> grad clip -> AdamW
-               -> LambdaLR, batch 2. Inputs are random tensors (no disk), so this is compute only.
+- ``step``   : one optimizer step of `train pretrain`, run by the trainer's own ``train_step``:
+               encoder (default MONAI ViT as UNETR's, 128^3, patch 16, hidden 768, 12 layers) ->
+               PSAT (Q=300, width 512, 2 layers) -> AlignmentLoss (image + text InfoNCE) ->
+               backward -> grad clip -> AdamW at the warmup + cosine lr, batch 2. Inputs are
+               random tensors (no disk), so this is compute only.
                Time per step (after ``--warmup`` untimed steps) and peak memory (CPU: the rise of
                the process's resident high-water mark over the steps; CUDA: max allocated).
 - ``volume`` : the data side that stays: np.load (mmap) + float32 of the batch's 128^3 float16
@@ -89,37 +90,33 @@ def _timed(fn, n: int, device: torch.device) -> list[float]:
 
 
 def bench_step(args, device: torch.device) -> dict:
-    from training.losses import AlignmentLoss
-    from training.pretrain import PretrainConfig, build_model, param_groups, warmup_cosine
+    from training.optim import set_hparams, warmup_cosine
+    from training.precision import resolve_precision
+    from training.pretrain import PretrainConfig
+    from training.pretrain_step import TrainState, train_step
 
     cfg = PretrainConfig(workdir=Path("."), encoder=args.encoder, img_size=args.img_size,
-                         num_queries=args.num_queries, psat_width=args.width, precision=args.precision)
+                         num_queries=args.num_queries, psat_width=args.width, precision=args.precision,
+                         warmup=10, steps=1000)
     torch.manual_seed(0)
-    model = build_model(cfg, grid=args.img_size, clip_dim=args.clip_dim).to(device)
-    loss_fn = AlignmentLoss().to(device)
-    opt = torch.optim.AdamW(param_groups({"m": model, "l": loss_fn}, cfg.wd), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(10, 1000))
-    amp = {"fp32": None, "bf16": torch.bfloat16, "amp": torch.float16 if device.type == "cuda" else None}[args.precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    state = TrainState.create(cfg, grid=args.img_size, clip_dim=args.clip_dim, device=device,
+                              precision=resolve_precision(cfg.precision, device))
+    model = state.model
     b, s = args.batch, args.img_size
-    vol = torch.rand(b, 1, s, s, s, device=device)
-    plane = torch.randint(0, 3, (b,), device=device)
-    index = torch.randint(0, s, (b,), device=device)
-    image = torch.randn(b, args.clip_dim, device=device)
-    text = torch.randn(b, args.clip_dim, device=device)
-    params = [p for g in opt.param_groups for p in g["params"]]
+    batch = {
+        "volume": torch.rand(b, 1, s, s, s, device=device),
+        "plane": torch.randint(0, 3, (b,), device=device),
+        "index": torch.randint(0, s, (b,), device=device),
+        "image": torch.randn(b, args.clip_dim, device=device),
+        "text": torch.randn(b, args.clip_dim, device=device),
+    }
+    done = 0
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            proj = model(vol, plane, index)
-        loss = loss_fn(proj, image=image, text=text)["loss"]
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
+        nonlocal done
+        set_hparams(state.optimizer, cfg.lr * warmup_cosine(done, cfg.warmup, cfg.steps))
+        train_step(state, cfg, iter([batch]), done + 1)
+        done += 1
 
     n_enc = sum(p.numel() for p in model.encoder.parameters())
     n_head = sum(p.numel() for p in model.head.parameters())
@@ -143,9 +140,7 @@ def bench_step(args, device: torch.device) -> dict:
         row["rss_before_mb"] = base
         row["peak_rss_mb"] = _hwm_mb()
         row["peak_rise_mb"] = row["peak_rss_mb"] - base if reset else None
-    del model, loss_fn, opt, sched
-    gc.collect()
-    return row
+    return row  # the model and optimizer go with this frame; main() collects before the next row
 
 
 def bench_volume(args, tmp: Path) -> dict:
@@ -181,13 +176,11 @@ def bench_clip(args, device: torch.device) -> dict:
 
     forward()
     times = _timed(forward, args.clip_steps, device)
-    del model
-    gc.collect()
     return {"row": "clip", "model": args.clip_model, "batch": b, "per_step_s": float(np.median(times))}
 
 
 def bench_cache(args, tmp: Path) -> dict:
-    from training.embed_store import load_embeddings, text_key, write_meta, write_table
+    from curation.embed_store import load_embeddings, text_key, write_meta, write_table
 
     n, dim = args.store_rows, args.clip_dim
     rng = np.random.default_rng(0)
@@ -245,12 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         meta["gpu"] = torch.cuda.get_device_name(device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        if not args.skip_step:
-            rows.append(bench_step(args, device))
-            print(json.dumps(rows[-1]), flush=True)
-        for fn in (lambda: bench_volume(args, Path(tmp)), lambda: bench_clip(args, device),
-                   lambda: bench_cache(args, Path(tmp))):
+        benches = [] if args.skip_step else [lambda: bench_step(args, device)]
+        benches += [lambda: bench_volume(args, Path(tmp)), lambda: bench_clip(args, device),
+                    lambda: bench_cache(args, Path(tmp))]
+        for fn in benches:
             rows.append(fn())
+            gc.collect()  # free the last row's model before the next one is measured
             print(json.dumps(rows[-1]), flush=True)
     by = {r["row"]: r for r in rows}
     ratio = by["clip"]["per_step_s"] / max(by["cache"]["per_step_s"], 1e-9)

@@ -21,7 +21,8 @@ import time
 import numpy as np
 import pandas as pd
 
-from curation.vote import builtin_features, knn_cosine, rank_pools
+from curation.features import builtin_features
+from curation.vote import knn_cosine, rank_pools
 
 
 def peak_rss_mb() -> float:

@@ -21,7 +21,7 @@ CT-like 512x512x48..61 int16 at 0.6-0.8 x 0.6-0.8 x 5 mm (LPS/LAS like dcm2niix 
 MSD task folder (``Task09_Spleen`` with dataset.json modality CT), MR-like 256x256x24 at
 0.9x0.9x6 mm (int16 and float32) and nilearn's MNI152 template at 1 mm, each with a label file.
 
-Usage::
+Usage (with the project installed, as in ``.venv``)::
 
     python benchmarks/bench_slice.py                 # full run (4 CT + 4 MR + MNI)
     python benchmarks/bench_slice.py --quick         # 1 volume of each kind
@@ -488,80 +488,80 @@ def child_ours(args) -> dict:
     }
 
 
+def _stage_times(stats, stages: list[tuple[str, object]], caller_files: set[str]) -> dict[str, float]:
+    """Cumulative seconds of each stage function over its calls made from ``caller_files``."""
+    out = {}
+    for label, fn in stages:
+        code = fn.__code__
+        entry = stats.stats.get((code.co_filename, code.co_firstlineno, code.co_name))
+        callers = entry[4] if entry else {}
+        out[label] = sum(v[3] for k, v in callers.items() if k[0] in caller_files)
+    return out
+
+
 def child_profile(args) -> dict:
     """Stage split of ``process_volume`` on one CT volume (after a warm-up volume; fastest of
-    three), by wrapping the functions it calls with timers (preprocess holds its sub-stages)."""
+    three), from cProfile: the cumulative time of the public functions it calls (preprocess's
+    parts as called from preprocess), once with a wall-clock and once with a CPU-time timer."""
     _child_common()
+    import cProfile
+    import pstats
+
+    import nibabel.orientations
+
     import curation.preprocess as pp
-    import curation.slicing as sl
+    import curation.slice_step as step_mod
+    from curation import fsutil, manifest, volume_io, volume_store
     from curation.datasets import discover
     from curation.preprocess import PreprocessConfig
-    from curation.slicing import SliceConfig, fingerprint, process_volume
+    from curation.slice_step import SliceConfig, fingerprint, process_volume
+
+    top = [  # called by the step
+        ("load image + label (nibabel + gunzip)", volume_io.load_nifti),
+        ("sha256 of source", step_mod.sha256_files),
+        ("preprocess (total)", pp.preprocess),
+        ("write volume.npy + label.npy", volume_store.save_npy),
+        ("write display.npy.zst", volume_store.save_display),
+        ("slice rows", step_mod.slice_rows),
+        ("write slices.parquet", manifest.write_manifest),
+        ("write record.json (fsync)", fsutil.atomic_write_bytes),
+    ]
+    sub = [  # called by preprocess
+        ("  clean_intensities (float32 copy, finite check)", pp.clean_intensities),
+        ("  percentile windows", pp.percentile_window),
+        ("  reorient (transpose/flip)", nibabel.orientations.apply_orientation),
+        ("  resize3d (train + display + label)", pp.resize3d),
+        ("  oblique resample", pp.resample_oblique),
+    ]
 
     set_root = Path(args.set_root)
-    timers: dict[str, float] = {}  # wall seconds per stage
-    cpu: dict[str, float] = {}  # CPU seconds per stage
-
-    def add(label, t0, c0):
-        timers[label] = timers.get(label, 0.0) + time.perf_counter() - t0
-        cpu[label] = cpu.get(label, 0.0) + time.process_time() - c0
-
-    def wrap(mod, name, label):
-        fn = getattr(mod, name)
-
-        def timed(*a, **k):
-            t0, c0 = time.perf_counter(), time.process_time()
-            try:
-                return fn(*a, **k)
-            finally:
-                add(label, t0, c0)
-
-        setattr(mod, name, timed)
-
-    load_nifti = sl.load_nifti
-    calls = []
-
-    def timed_load(*a, **k):  # first call of a volume: the image, second: its label
-        t0, c0 = time.perf_counter(), time.process_time()
-        try:
-            return load_nifti(*a, **k)
-        finally:
-            label = "load image (nibabel + gunzip)" if len(calls) % 2 == 0 else "load label"
-            calls.append(label)
-            add(label, t0, c0)
-
-    sl.load_nifti = timed_load
-    wrap(sl, "sha256_files", "sha256 of source")
-    wrap(sl, "preprocess", "preprocess (total)")
-    wrap(pp, "clean_intensities", "  clean_intensities (float32 copy, finite check)")
-    wrap(pp, "percentile_window", "  percentile windows")
-    wrap(pp.nib.orientations, "apply_orientation", "  reorient (transpose/flip)")
-    wrap(pp, "resize3d", "  resize3d (train + display + label)")
-    wrap(pp, "_resample_oblique", "  oblique resample")
-    wrap(sl, "save_npy", "write volume.npy + label.npy")
-    wrap(sl, "save_display", "write display.npy.zst")
-    wrap(sl, "slice_rows", "slice rows")
-    wrap(sl, "write_manifest", "write slices.parquet")
-    wrap(sl, "atomic_write_bytes", "write record.json (fsync)")
-
     work = Path(args.work)
     cfg = SliceConfig(workdir=work, pre=PreprocessConfig())
     mr_specs, _ = discover("nifti", set_root / "mr")
     process_volume(mr_specs[0], cfg, "warmup")  # torch / pyarrow lazy init out of the way
     specs, _ = discover("msd", set_root / "ct" / "Task09_Spleen")
     spec = specs[0]
-    best = None
-    for _ in range(3):  # keep the fastest of three (the machine may be shared)
-        timers.clear()
-        cpu.clear()
-        calls.clear()
-        t0, c0 = time.perf_counter(), time.process_time()
-        recs = process_volume(spec, cfg, fingerprint(spec, cfg))
-        total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
-        assert recs[0]["status"] == "ok", recs[0].get("error")
-        if best is None or total_cpu < best[1]:
-            best = (total, total_cpu, dict(timers), dict(cpu))
-    total, total_cpu, timers, cpu = best
+
+    def fastest(timer) -> tuple[float, dict[str, float], list]:
+        best = None
+        for _ in range(3):  # keep the fastest of three (the machine may be shared)
+            prof = cProfile.Profile(timer) if timer else cProfile.Profile()
+            clock = timer or time.perf_counter
+            t0 = clock()
+            prof.enable()
+            recs = process_volume(spec, cfg, fingerprint(spec, cfg))
+            prof.disable()
+            total = clock() - t0
+            assert recs[0]["status"] == "ok", recs[0].get("error")
+            if best is None or total < best[0]:
+                stats = pstats.Stats(prof)
+                stages = _stage_times(stats, top, {step_mod.__file__})
+                stages.update(_stage_times(stats, sub, {pp.__file__}))
+                best = (total, stages, recs)
+        return best
+
+    total, timers, recs = fastest(None)
+    total_cpu, cpu, _ = fastest(time.process_time)
 
     def finish(d: dict, whole: float) -> dict:
         top = [k for k in d if not k.startswith("  ")]
@@ -604,7 +604,6 @@ def run_child(method: str, set_root: Path, work: Path, grid: int, workers: int =
         shutil.rmtree(work)
     work.mkdir(parents=True)
     env = dict(os.environ, **THREAD_ENV)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -674,8 +673,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.child:
-        if str(REPO) not in sys.path:
-            sys.path.insert(0, str(REPO))
         res = CHILDREN[args.child](args)
         res["peak_rss_mb"] = _rss_mb()
         res["vmhwm_mb"] = _hwm_mb()

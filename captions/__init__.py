@@ -1,5 +1,10 @@
 """Slice captioning: versioned prompts, an OpenAI-compatible client with one retry layer and
 client-side rate limits, a durable content-addressed caption cache, cost estimates, the Batch
-API flow and a deterministic offline captioner. ``captions.engine.run_captions`` ties them
-together; the CLI lives in ``curation``'s command layer and only parses and prints.
+API flow and a deterministic offline captioner.
+
+One ``CaptionOptions`` (``options``) travels from `curate caption` (``cli/caption.py``, which
+parses and prints) through ``release.run_release`` to ``engine.run_captions`` unchanged;
+``budget`` decides what --budget and --max-usd admit, ``plan`` what to send, ``sync`` and
+``batch`` send it, and ``jobs`` makes every cache key and cache row. ``fake_server`` is a local
+OpenAI-compatible server for tests and benchmarks.
 """

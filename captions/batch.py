@@ -24,11 +24,10 @@ from typing import Any
 import openai
 
 from captions.cache import CaptionCache
+from captions.client import MalformedResponse, call_with_retry, make_openai, parse_completion, redact
+from captions.jobs import CacheItem, cache_row
+from captions.options import RetryPolicy
 from curation.fsutil import atomic_write_text
-from captions.client import (
-    MalformedResponse, RetryPolicy, call_with_retry, make_openai, parse_completion, redact,
-)
-from captions.cost import cost_usd
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +36,6 @@ MAX_BYTES_PER_FILE = 200 * 1024 * 1024
 ENDPOINT = "/v1/chat/completions"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 STATE_NAME = "batch_state.json"
-
-
-@dataclass
-class BatchItem:
-    """One request to batch: its cache key and what the cache row needs besides the answer."""
-
-    key: str
-    slice_id: str
-    image_sha256: str
-    provider: str
-    model: str
-    prompt_version: str
-    params: dict[str, Any]
 
 
 @dataclass
@@ -129,8 +115,8 @@ async def _refresh(store: BatchStore, api_key: str, base_url: str | None, timeou
 
 def write_inputs(
     store: BatchStore,
-    items: Iterable[BatchItem],
-    make_body: Callable[[BatchItem], dict[str, Any]],
+    items: Iterable[CacheItem],
+    make_body: Callable[[CacheItem], dict[str, Any]],
     *,
     max_requests: int = MAX_REQUESTS_PER_FILE,
     max_bytes: int = MAX_BYTES_PER_FILE,
@@ -169,6 +155,7 @@ def write_inputs(
             size, meta = 0, {}
         fh.write(line)
         size += len(line)
+        # The items file holds each key's CacheItem fields; _ingest rebuilds the item from them.
         meta[item.key] = {"slice_id": item.slice_id, "image_sha256": item.image_sha256,
                           "provider": item.provider, "model": item.model,
                           "prompt_version": item.prompt_version, "params": item.params}
@@ -205,20 +192,6 @@ async def _create(client: openai.AsyncOpenAI, store: BatchStore, entry: dict[str
         store.save()  # first thing after creation: a rerun now polls instead of resubmitting
 
 
-def _row(key: str, meta: dict[str, Any], body: dict[str, Any], request_id: str | None) -> dict[str, Any]:
-    answer = parse_completion(body)
-    model = answer.model or meta["model"]
-    return {
-        "key": key, "slice_id": meta["slice_id"], "image_sha256": meta["image_sha256"],
-        "provider": meta["provider"], "text": answer.text, "model": model,
-        "prompt_version": meta["prompt_version"], "params": meta["params"],
-        "finish_reason": answer.finish_reason, "refused": answer.refused,
-        "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-        "cost_usd": cost_usd(meta["model"], answer.prompt_tokens, answer.completion_tokens, batch=True),
-        "request_id": request_id or answer.request_id, "mode": "batch",
-    }
-
-
 async def _ingest(client: openai.AsyncOpenAI, store: BatchStore, entry: dict[str, Any],
                   cache: CaptionCache, report: BatchReport, policy: RetryPolicy,
                   secret: str | None) -> None:
@@ -243,7 +216,8 @@ async def _ingest(client: openai.AsyncOpenAI, store: BatchStore, entry: dict[str
             response = record.get("response") or {}
             if response.get("status_code") == 200 and not record.get("error"):
                 try:
-                    rows.append(_row(key, meta[key], response.get("body") or {}, response.get("request_id")))
+                    answer = parse_completion(response.get("body") or {})
+                    rows.append(cache_row(CacheItem(key, **meta[key]), answer, "batch", response.get("request_id")))
                     continue
                 except MalformedResponse:
                     pass

@@ -25,6 +25,9 @@ import openai
 from openai.types.chat import ChatCompletion
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
+from captions.errors import FatalAPIError
+from captions.options import RetryPolicy
+
 log = logging.getLogger(__name__)
 
 REFUSAL_PHRASES: tuple[str, ...] = (
@@ -51,26 +54,12 @@ REFUSAL_PHRASES: tuple[str, ...] = (
 CONTENT_ERROR_CODES = ("content_policy_violation", "content_filter", "image_content_policy_violation")
 
 
-class FatalAPIError(RuntimeError):
-    """Non-retryable API failure (auth, quota, bad request): the whole run must stop."""
-
-
 class MalformedResponse(Exception):
     """A 2xx answer whose body is not a usable chat completion (retried)."""
 
 
 class Stopped(Exception):
     """The run is stopping (another worker hit a fatal error); nothing was sent."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Backoff settings for the single retry layer."""
-
-    max_attempts: int = 8
-    initial_s: float = 0.5
-    max_wait_s: float = 30.0
-    max_hint_s: float = 300.0  # longest server-requested wait we honour
 
 
 @dataclass(frozen=True)

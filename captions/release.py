@@ -1,9 +1,9 @@
 """`curate caption`: ranked slices -> rendered PNGs -> captions (cached) -> release manifest.
 
 Slices are taken in ``selection_order`` (from `curate rank`); PNGs are rendered only for the
-slices a run may use, in chunks, until ``budget`` uncached slices are in hand. The release
-manifest (``manifests/v1.parquet``) is immutable: one row per captioned slice, self-contained
-for training, with a subject-wise deterministic 7:1:2 split.
+slices a run may use, in chunks, until the run's ``Budget`` is full (``captions.budget`` says
+what counts). The release manifest (``manifests/v1.parquet``) is immutable: one row per
+captioned slice, self-contained for training, with a subject-wise deterministic 7:1:2 split.
 """
 
 from __future__ import annotations
@@ -17,41 +17,19 @@ import numpy as np
 import pandas as pd
 
 from curation.fsutil import atomic_path
-from curation.manifest import manifest_dir, read_manifest, write_manifest
+from curation.layout import Workdir
+from curation.manifest import RELEASE_SCHEMA, RELEASE_VOLUME_COLUMNS, next_release_path, read_manifest, write_manifest
 from curation.render import render_slices
 
+from .budget import Budget
 from .cache import CaptionCache
-from .engine import CaptionRequest, CaptionSummary, lookup, run_captions
+from .engine import lookup, run_captions
+from .jobs import CaptionRequest
+from .options import CaptionOptions
+from .plan import CaptionSummary
 
 SPLITS = (("train", 0.7), ("val", 0.1), ("test", 0.2))
-VOLUME_COLUMNS = [
-    "dataset", "subset", "case_id", "channel", "channel_name", "modality", "body_region",
-    "volume_path", "label_volume_path", "display_path", "grid_size",
-]
-
-
-@dataclass
-class CaptionConfig:
-    workdir: Path
-    provider: str = "offline"
-    model: str | None = None
-    base_url: str | None = None
-    api_key: str | None = field(default=None, repr=False)
-    budget: int | None = None
-    max_usd: float | None = None
-    concurrency: int = 8
-    rpm: float | None = None
-    tpm: float | None = None
-    mode: str = "sync"
-    detail: str = "low"
-    dry_run: bool = False
-    retry_refused: bool = False
-    all_slices: bool = False  # ignore selection_order: every slice, in slice order
-    out: Path | None = None  # default manifests/v1.parquet
-    size: int = 512
-    timeout: float = 60.0
-    batch_wait: bool = True
-    chunk: int = 2048
+VOLUME_COLUMNS = list(RELEASE_VOLUME_COLUMNS)
 
 
 @dataclass
@@ -97,13 +75,13 @@ def _context(row: dict[str, Any]) -> dict[str, Any]:
 def candidate_slices(workdir: Path, all_slices: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Slices of ok volumes joined with their volume columns, in the order captions are bought,
     and the ok volumes themselves (for rendering)."""
-    mdir = manifest_dir(workdir)
-    if not (mdir / "slices.parquet").exists():
-        raise FileNotFoundError(f"{mdir / 'slices.parquet'}: no slices yet (run `curate slice` first)")
-    if not (mdir / "volumes.parquet").exists():
-        raise FileNotFoundError(f"{mdir / 'volumes.parquet'}: missing (run `curate slice` again; it resumes)")
-    slices = read_manifest(mdir / "slices.parquet")
-    volumes = read_manifest(mdir / "volumes.parquet")
+    wd = Workdir(workdir)
+    if not wd.slices_manifest.exists():
+        raise FileNotFoundError(f"{wd.slices_manifest}: no slices yet (run `curate slice` first)")
+    if not wd.volumes_manifest.exists():
+        raise FileNotFoundError(f"{wd.volumes_manifest}: missing (run `curate slice` again; it resumes)")
+    slices = read_manifest(wd.slices_manifest)
+    volumes = read_manifest(wd.volumes_manifest)
     volumes = volumes[volumes["status"] == "ok"]
     df = slices.drop(columns=[c for c in VOLUME_COLUMNS if c in slices.columns]).merge(
         volumes[["volume_id", *VOLUME_COLUMNS]], on="volume_id", how="inner"
@@ -127,94 +105,70 @@ def _requests(df: pd.DataFrame, workdir: Path) -> list[CaptionRequest]:
     ]
 
 
-def next_release_path(workdir: Path) -> Path:
-    from curation.query import release_manifests
-
-    found = release_manifests(workdir)
-    n = int(found[-1].stem[1:]) + 1 if found else 1
-    return manifest_dir(workdir) / f"v{n}.parquet"
-
-
 def run_release(
-    cfg: CaptionConfig,
+    workdir: str | Path,
+    options: CaptionOptions,
+    *,
     progress: Callable[[str, int, int], None] | None = None,
     on_update: Callable[[CaptionSummary], None] | None = None,
 ) -> ReleaseResult:
-    """Select, render, caption (within budget) and write the release manifest.
+    """Select, render, caption (within the budget) and write the release manifest.
 
-    ``progress(stage, done, total)`` reports rendering and captioning; ``on_update(summary)``
-    gets the engine's live counts (cache hits, failures, tokens, USD) while captioning.
+    Args:
+        workdir: the workdir (``Workdir`` builds every path under it).
+        options: the caption options, passed to the engine unchanged.
+        progress: ``progress(stage, done, total)`` for rendering and captioning.
+        on_update: ``on_update(summary)`` with the engine's live counts (cache hits, failures,
+            tokens, USD) while captioning.
     """
-    workdir = Path(cfg.workdir)
-    out = Path(cfg.out) if cfg.out else manifest_dir(workdir) / "v1.parquet"
+    workdir = Path(workdir)
+    wd = Workdir(workdir)
+    out = Path(options.out) if options.out else wd.release(1)
     if not out.is_absolute() and not str(out).startswith(str(workdir)):
         out = workdir / out
-    if out.exists() and not cfg.dry_run:
+    if out.exists() and not options.dry_run:
         raise FileExistsError(
             f"{out} exists and release manifests are immutable; pass --out {next_release_path(workdir).relative_to(workdir)}"
         )
-    cands, volumes = candidate_slices(workdir, cfg.all_slices)
-    cache_dir = workdir / "cache"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    db = CaptionCache(cache_dir / "captions.sqlite")
-    look = dict(provider=cfg.provider, model=cfg.model, detail=cfg.detail)
+    cands, volumes = candidate_slices(workdir, options.all_slices)
+    wd.cache.mkdir(parents=True, exist_ok=True)
+    db = CaptionCache(wd.caption_db)
     try:
-        chosen: list[pd.DataFrame] = []
-        uncached = 0
-        # Render in selection order until the budget of uncached slices is reached.
-        start = 0
-        while start < len(cands):
-            step = cfg.chunk if cfg.budget is None else min(cfg.chunk, max(64, 2 * (cfg.budget - uncached)))
-            part = render_slices(workdir, cands.iloc[start : start + step], volumes, size=cfg.size)
-            start += step
-            reqs = _requests(part, workdir)
-            hits = lookup(reqs, cache=db, **look)
-            if cfg.budget is not None:
-                keep = []
-                for i, req in enumerate(reqs):
-                    if req.slice_id in hits:
-                        keep.append(i)
-                    elif uncached < cfg.budget:
-                        uncached += 1
-                        keep.append(i)
-                part = part.iloc[keep]
-            else:
-                uncached += sum(r.slice_id not in hits for r in reqs)
-            chosen.append(part)
-            if progress:
-                progress("rendering", min(start, len(cands)), len(cands))
-            if cfg.budget is not None and uncached >= cfg.budget:
-                break
-        selected = pd.concat(chosen, ignore_index=True) if chosen else cands.iloc[:0]
+        selected = _select(wd, cands, volumes, options, db, progress)
         reqs = _requests(selected, workdir)
         summary = run_captions(
-            reqs,
-            provider=cfg.provider,
-            model=cfg.model,
-            base_url=cfg.base_url,
-            api_key=cfg.api_key,
-            cache=db,
-            budget=cfg.budget,
-            max_usd=cfg.max_usd,
-            concurrency=cfg.concurrency,
-            rpm=cfg.rpm,
-            tpm=cfg.tpm,
-            mode=cfg.mode,
-            detail=cfg.detail,
-            dry_run=cfg.dry_run,
-            retry_refused=cfg.retry_refused,
+            reqs, options, cache=db, batch_dir=wd.batches, on_update=on_update,
             progress=(lambda d, t: progress("captioning", d, t)) if progress else None,
-            on_update=on_update,
-            timeout=cfg.timeout,
-            batch_wait=cfg.batch_wait,
         )
-        _export_cache(db, cache_dir / "captions.parquet")
-        if cfg.dry_run:
+        _export_cache(db, wd.caption_table)
+        if options.dry_run:
             return ReleaseResult(summary=summary, out=None)
-        answers = lookup(reqs, cache=db, **look)
+        answers = lookup(reqs, options, cache=db)
     finally:
         db.close()
     return _write_release(selected, answers, out, summary)
+
+
+def _select(wd: Workdir, cands: pd.DataFrame, volumes: pd.DataFrame, options: CaptionOptions,
+            db: CaptionCache, progress: Callable[[str, int, int], None] | None) -> pd.DataFrame:
+    """The slices the release may hold, in order: render a chunk, offer each of its slices to
+    the budget (a cached one is free), and stop once the budget is full."""
+    budget = Budget.of(options)
+    chosen: list[pd.DataFrame] = []
+    start = 0
+    while start < len(cands):
+        left = budget.left
+        step = options.chunk if left is None else min(options.chunk, max(64, 2 * left))
+        part = render_slices(wd.root, cands.iloc[start : start + step], volumes, size=options.size)
+        start += step
+        reqs = _requests(part, wd.root)
+        hits = lookup(reqs, options, cache=db)
+        chosen.append(part.iloc[[i for i, req in enumerate(reqs) if budget.take(free=req.slice_id in hits)]])
+        if progress:
+            progress("rendering", min(start, len(cands)), len(cands))
+        if budget.full:
+            break
+    return pd.concat(chosen, ignore_index=True) if chosen else cands.iloc[:0]
 
 
 def _write_release(selected: pd.DataFrame, answers: dict[str, dict[str, Any]], out: Path, summary: CaptionSummary) -> ReleaseResult:
@@ -230,7 +184,7 @@ def _write_release(selected: pd.DataFrame, answers: dict[str, dict[str, Any]], o
     rows["cost_usd"] = [answers[s].get("cost_usd") for s in rows["slice_id"]]
     rows["split"] = assign_splits(rows["case_id"])
     rows = rows.sort_values("selection_order" if rows["selection_order"].notna().all() else "slice_id", ignore_index=True)
-    write_manifest(rows, out, schema=None, extra_meta={"release": out.stem, "provider": summary.provider, "model": summary.model})
+    write_manifest(rows, out, schema=RELEASE_SCHEMA, extra_meta={"release": out.stem, "provider": summary.provider, "model": summary.model})
     return ReleaseResult(
         summary=summary,
         out=out,

@@ -8,41 +8,15 @@ of DICOM series; ``msd`` one Decathlon task folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
+from .dicom_dataset import dicom_tree
+from .modality import known_subset, normalise_modality
 from .volume_io import is_nifti_path
-
-# Known sub-datasets: (pattern in the lower-cased subset name) -> (modality, body region).
-KNOWN_SUBSETS: list[tuple[str, str, str]] = [
-    ("brats", "MR", "brain"),
-    ("braintumour", "MR", "brain"),
-    ("mrbrains", "MR", "brain"),
-    ("hippocampus", "MR", "brain"),
-    ("mni", "MR", "brain"),
-    ("brain", "MR", "brain"),
-    ("heart", "MR", "heart"),
-    ("prostate", "MR", "pelvis"),
-    ("lits", "CT", "abdomen"),
-    ("liver", "CT", "abdomen"),
-    ("lung", "CT", "chest"),
-    ("pancreas", "CT", "abdomen"),
-    ("hepaticvessel", "CT", "abdomen"),
-    ("hepatic", "CT", "abdomen"),
-    ("spleen", "CT", "abdomen"),
-    ("colon", "CT", "abdomen"),
-    ("kits", "CT", "abdomen"),
-    ("kidney", "CT", "abdomen"),
-]
-
-MR_SEQUENCE_NAMES = {"MRI", "MR", "T1", "T1W", "T1GD", "T1CE", "T2", "T2W", "FLAIR", "ADC", "DWI", "PD"}
-
-# DICOM objects that carry pixels but are not images to slice (segmentations, dose grids...).
-NON_IMAGE_MODALITIES = {"SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "SR", "PR", "KO", "REG"}
+from .volume_spec import VolumeSpec, root_relative
 
 LITS_LABELS = {"1": "liver", "2": "liver tumour"}
 BRATS_LABELS = {"1": "necrotic tumour core", "2": "peritumoral edema", "3": "enhancing tumour", "4": "enhancing tumour"}
@@ -56,72 +30,12 @@ GENERIC_STEMS = {
 LABEL_DIRS = ("labelsTr", "labels", "label", "masks", "mask", "segmentations", "seg")
 
 
-@dataclass
-class VolumeSpec:
-    """One source volume to process (a file, or a DICOM series)."""
-
-    dataset: str
-    subset: str
-    case_key: str  # raw case name; hashed before it reaches any manifest
-    source: Path
-    label: Path | None = None
-    kind: str = "nifti"  # nifti | dicom
-    modality: str | None = None
-    body_region: str | None = None
-    channel: int | None = None  # None: expand every channel of a 4D file
-    channel_names: dict[str, str] = field(default_factory=dict)
-    label_names: dict[str, str] = field(default_factory=dict)
-    series: Any = None  # curation.dicom.DicomSeries for kind == "dicom"
-    display_path: str = ""  # root-relative source path with identifiers scrubbed
-    error: str | None = None  # adapter-level problem (missing file...) recorded as an error row
-    scrub_tokens: list[str] = field(default_factory=list)  # patient identifiers to keep out of text
-
-    def volume_id(self, channel: int | None) -> str:
-        key = f"{self.dataset}|{self.subset}|{self.display_path}|{channel}"
-        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-        return f"{slug(self.subset)}-{digest}"
-
-    @property
-    def case_id(self) -> str:
-        return hashlib.sha256(f"{self.subset}|{self.case_key}".encode()).hexdigest()[:16]
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "volume"
-
-
-def known_subset(name: str) -> tuple[str | None, str | None]:
-    low = re.sub(r"[^a-z0-9]", "", name.lower())
-    for pattern, modality, region in KNOWN_SUBSETS:
-        if pattern in low:
-            return modality, region
-    return None, None
-
-
-def normalise_modality(value: str | None) -> str | None:
-    if not value:
-        return None
-    up = value.strip().upper()
-    if up in ("CT", "CTA", "PET/CT"):
-        return "CT"
-    if up in MR_SEQUENCE_NAMES or up.startswith("MR") or up.startswith("T1") or up.startswith("T2"):
-        return "MR"
-    return up
-
-
 def _stem(path: Path) -> str:
     name = path.name
     for ext in (".nii.gz", ".nii", ".mgz", ".mgh", ".img"):
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return path.stem
-
-
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return path.as_posix()
 
 
 def _nifti_files(folder: Path) -> list[Path]:
@@ -187,7 +101,7 @@ def msd_task(task_dir: Path, root: Path, dataset: str = "msd") -> list[VolumeSpe
                 channel=None if multi else 0,
                 channel_names=channel_names,
                 label_names=labels,
-                display_path=_rel(img, root),
+                display_path=root_relative(img, root),
             )
         )
     return specs
@@ -279,7 +193,7 @@ def nifti_folder(
                 modality=mod,
                 body_region=region,
                 channel=None,
-                display_path=_rel(img, root),
+                display_path=root_relative(img, root),
             )
         )
     return specs
@@ -309,7 +223,7 @@ def _lits(root: Path, skip: set[Path]) -> list[VolumeSpec]:
                 body_region="abdomen",
                 channel=0,
                 label_names=dict(LITS_LABELS),
-                display_path=_rel(img, root),
+                display_path=root_relative(img, root),
             )
         )
     return specs
@@ -338,7 +252,7 @@ def _brats(root: Path, skip: set[Path]) -> list[VolumeSpec]:
                     channel=ch,
                     channel_names={str(ch): mod.upper()},
                     label_names=dict(BRATS_LABELS),
-                    display_path=_rel(img, root),
+                    display_path=root_relative(img, root),
                 )
             )
     return specs
@@ -372,7 +286,7 @@ def _list_files(root: Path, skip: set[Path]) -> list[VolumeSpec]:
                 modality=mod,
                 body_region=region,
                 channel=None,
-                display_path=_rel(img, root),
+                display_path=root_relative(img, root),
             )
             if not img.exists():
                 spec.error = f"{img}: listed in {txt.name} but missing"
@@ -401,7 +315,7 @@ def _image_label_folders(root: Path, skip: set[Path]) -> list[VolumeSpec]:
                     modality=mod,
                     body_region=region,
                     channel=None,
-                    display_path=_rel(img, root),
+                    display_path=root_relative(img, root),
                 )
             )
     return specs
@@ -431,89 +345,6 @@ def seg8(root: Path) -> list[VolumeSpec]:
     ]
     specs.extend(rest)
     return specs
-
-
-# --------------------------------------------------------------------------- DICOM
-
-
-def patient_tokens(series_list: Iterable[Any]) -> list[str]:
-    """Patient names/IDs seen in the headers, and their parts, longest first (for scrubbing)."""
-    found: set[str] = set()
-    for series in series_list:
-        for token in getattr(series, "patient_tokens", []) or []:
-            token = str(token).strip()
-            parts = [token, *re.split(r"[\^\s,]+", token)]
-            found |= {p for p in parts if len(p) >= 3}
-    return sorted(found, key=lambda t: (-len(t), t))
-
-
-def scrub(text: str, tokens: list[str]) -> str:
-    """Replace patient identifiers in paths and messages by a short hash."""
-    for token in tokens:
-        if token in text:
-            text = text.replace(token, "anon-" + hashlib.sha256(token.encode()).hexdigest()[:8])
-    return text
-
-
-# BodyPartExamined / StudyDescription words -> body region (display window, caption context).
-DICOM_BODY_PARTS: list[tuple[tuple[str, ...], str]] = [
-    (("HEAD", "BRAIN", "SKULL", "NECK"), "brain"),
-    (("HEART", "CARDIAC", "CORONARY"), "heart"),
-    (("CHEST", "THORAX", "LUNG", "BREAST"), "chest"),
-    (("ABDOMEN", "ABD", "LIVER", "KIDNEY", "PANCREAS", "SPLEEN"), "abdomen"),
-    (("PELVIS", "PROSTATE", "BLADDER", "HIP"), "pelvis"),
-]
-
-
-def dicom_body_region(path: Path) -> str | None:
-    """Coarse body region from the header of one file of a series (None when unknown)."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["BodyPartExamined", "StudyDescription", "SeriesDescription"])
-    except Exception:  # unreadable headers are reported by the loader
-        return None
-    text = " ".join(str(ds.get(t, "") or "") for t in ("BodyPartExamined", "SeriesDescription", "StudyDescription")).upper()
-    words = set(re.split(r"[^A-Z]+", text))
-    for keys, region in DICOM_BODY_PARTS:
-        if words & set(keys):
-            return region
-    return None
-
-
-def dicom_tree(root: Path, dataset: str = "dicom") -> tuple[list[VolumeSpec], list[tuple[Path, str]]]:
-    """Every image series under ``root``; unreadable files are returned as (path, reason)."""
-    from .dicom import find_series
-
-    found = find_series(root)
-    tokens = patient_tokens(found)
-    problems = [(Path(scrub(str(p), tokens)), scrub(reason, tokens)) for p, reason in getattr(found, "skipped", [])]
-    specs = []
-    for series in found:
-        if (series.modality or "").upper() in NON_IMAGE_MODALITIES:
-            folder = scrub(str(series.folder), tokens)
-            problems.append((Path(folder), f"{folder}: {series.modality} object, not an image volume"))
-            continue
-        first = Path(series.files[0]).parent
-        rel = scrub(_rel(first, root), tokens)
-        modality = normalise_modality(series.modality)
-        body_region = dicom_body_region(series.files[0])
-        specs.append(
-            VolumeSpec(
-                dataset=dataset,
-                subset=dataset,
-                case_key=series.series_key,
-                source=first,
-                kind="dicom",
-                modality=modality,
-                body_region=body_region,
-                channel=0,
-                series=series,
-                display_path=f"{rel}#{series.series_key[:12]}",
-                scrub_tokens=tokens,
-            )
-        )
-    return specs, list(problems)
 
 
 def discover(dataset: str, root: Path, label_root: Path | None = None) -> tuple[list[VolumeSpec], list[tuple[Path, str]]]:

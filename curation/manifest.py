@@ -1,4 +1,4 @@
-"""Manifest schema and Parquet IO: the only contract between stages.
+"""Manifest schemas (volumes, slices, release) and Parquet IO: the contract between stages.
 
 Every manifest is a Parquet file under ``<workdir>/manifests``. Paths inside are relative to
 the workdir. Writes are atomic (temp file + ``os.replace``) and carry key-value metadata:
@@ -11,13 +11,15 @@ import datetime as _dt
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .fsutil import atomic_path
+from .layout import Workdir
 
 SCHEMA_VERSION = "1"
 PLANES: tuple[str, ...] = ("axial", "coronal", "sagittal")
@@ -77,8 +79,75 @@ SLICES_SCHEMA = pa.schema(
 )
 
 
+# Volume columns a release row carries, so that training needs no other manifest.
+RELEASE_VOLUME_COLUMNS: tuple[str, ...] = (
+    "dataset", "subset", "case_id", "channel", "channel_name", "modality", "body_region",
+    "volume_path", "label_volume_path", "display_path", "grid_size",
+)
+
+# The release manifest (manifests/vN.parquet): what training reads. Slice columns, the volume
+# columns above, then the caption and the subject-wise split.
+RELEASE_SCHEMA = pa.schema(
+    [*SLICES_SCHEMA]
+    + [VOLUMES_SCHEMA.field(name) for name in RELEASE_VOLUME_COLUMNS]
+    + [
+        ("refused", pa.bool_()),
+        ("caption", pa.string()),
+        ("caption_model", pa.string()),
+        ("prompt_version", pa.string()),
+        ("caption_mode", pa.string()),
+        ("cost_usd", pa.float64()),
+        ("split", pa.string()),
+    ]
+)
+
+
 def manifest_dir(workdir: str | Path) -> Path:
-    return Path(workdir) / "manifests"
+    return Workdir(workdir).manifests
+
+
+def release_manifests(workdir: str | Path) -> list[Path]:
+    """Release manifests v1.parquet, v2.parquet, ... sorted by version number."""
+    found = []
+    for p in Workdir(workdir).manifests.glob("v*.parquet"):
+        stem = p.stem[1:]
+        if stem.isdigit():
+            found.append((int(stem), p))
+    return [p for _, p in sorted(found)]
+
+
+def next_release_path(workdir: str | Path) -> Path:
+    """The first unused ``manifests/vN.parquet``."""
+    found = release_manifests(workdir)
+    return Workdir(workdir).release(int(found[-1].stem[1:]) + 1 if found else 1)
+
+
+def resolve_manifest(workdir: str | os.PathLike, manifest: str | os.PathLike) -> Path:
+    """Find a manifest given as a path (absolute or relative to the cwd), a path under the
+    workdir, or a name under ``manifests/`` with or without ``.parquet``.
+
+    Raises:
+        FileNotFoundError: naming where it looked.
+    """
+    wd = Workdir(workdir)
+    path = Path(manifest)
+    for candidate in (path, wd.root / path, wd.manifests / path, wd.manifests / f"{path}.parquet"):
+        if candidate.is_file():
+            return candidate
+    where = path if path.is_absolute() else wd.root / path
+    raise FileNotFoundError(f"{where}: no such manifest (run `curate caption` first)")
+
+
+def usable_caption_rows(df: pd.DataFrame) -> pd.Series:
+    """The one rule for which release rows training may use: a non-blank caption that was not
+    refused, on a rendered slice. Returns a boolean mask aligned with ``df``."""
+    keep = df["caption"].notna() & (df["caption"].fillna("").astype(str).str.strip().str.len() > 0)
+    if "refused" in df.columns:
+        keep &= ~df["refused"].fillna(False).astype(bool)
+    for column in ("image_path", "image_sha256"):  # a reader that needs one checks it is there
+        if column in df.columns:
+            keep &= df[column].notna()
+    return keep
 
 
 def _metadata(extra: dict[str, Any] | None = None) -> dict[bytes, bytes]:
@@ -123,16 +192,8 @@ def write_manifest(
     path.parent.mkdir(parents=True, exist_ok=True)
     table = to_table(df, schema)
     table = table.replace_schema_metadata(_metadata(extra_meta))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, fsync=True) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

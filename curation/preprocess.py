@@ -153,10 +153,14 @@ def resize3d(arr: np.ndarray, out_shape: tuple[int, int, int], order: int = 1) -
     return t.contiguous().numpy()
 
 
-def _resample_oblique(
+def resample_oblique(
     data: np.ndarray, src_affine: np.ndarray, out_affine: np.ndarray, out_shape: tuple[int, ...], order: int, cval: float
 ) -> np.ndarray:
-    """Pull target voxels from source voxels through the affines (one interpolation)."""
+    """Resample ``data`` onto an ``out_shape`` grid with voxel->world ``out_affine``.
+
+    Target voxels are pulled from source voxels through both affines in one interpolation
+    (``order`` 1: linear, 0: nearest); points outside the source get ``cval``.
+    """
     mapping = np.linalg.inv(src_affine) @ out_affine
     return ndimage.affine_transform(
         data, mapping[:3, :3], offset=mapping[:3, 3], output_shape=out_shape, order=order, mode="constant", cval=cval
@@ -226,10 +230,10 @@ def preprocess(
             out[:3, 3] = geo.box_min + sp / 2
             return out
 
-        train = _resample_oblique(arr, affine, grid_affine(n_train), tuple(n_train), 1, fill)
-        disp = _resample_oblique(arr, affine, grid_affine(n_disp), tuple(n_disp), 1, fill)
+        train = resample_oblique(arr, affine, grid_affine(n_train), tuple(n_train), 1, fill)
+        disp = resample_oblique(arr, affine, grid_affine(n_disp), tuple(n_disp), 1, fill)
         lab = (
-            _resample_oblique(np.asarray(label), affine, grid_affine(n_train), tuple(n_train), 0, 0)
+            resample_oblique(np.asarray(label), affine, grid_affine(n_train), tuple(n_train), 0, 0)
             if label is not None
             else None
         )

@@ -8,30 +8,21 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from .manifest import manifest_dir
-
-
-def release_manifests(workdir: Path) -> list[Path]:
-    """Release manifests v1.parquet, v2.parquet, ... sorted by version number."""
-    found = []
-    for p in manifest_dir(workdir).glob("v*.parquet"):
-        stem = p.stem[1:]
-        if stem.isdigit():
-            found.append((int(stem), p))
-    return [p for _, p in sorted(found)]
+from .layout import Workdir
+from .manifest import release_manifests
 
 
 def connect(workdir: Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with views ``volumes``, ``slices`` and ``captions`` (latest release)."""
     con = duckdb.connect(":memory:")
-    mdir = manifest_dir(workdir)
-    views = {"volumes": mdir / "volumes.parquet", "slices": mdir / "slices.parquet"}
+    wd = Workdir(workdir)
+    views = {"volumes": wd.volumes_manifest, "slices": wd.slices_manifest}
     releases = release_manifests(workdir)
     if releases:
         views["captions"] = releases[-1]
         for p in releases:
             views[p.stem] = p
-    cache_pq = Path(workdir) / "cache" / "captions.parquet"
+    cache_pq = wd.caption_table
     if cache_pq.exists():
         views["caption_cache"] = cache_pq
     for name, path in views.items():
@@ -98,5 +89,5 @@ def stats(workdir: Path) -> dict[str, pd.DataFrame | dict]:
     if "captions" in names:
         out["captions"] = con.execute("SELECT split, count(*) AS captions FROM captions GROUP BY ALL ORDER BY ALL").df()
     con.close()
-    out["disk"] = {d: _du(Path(workdir) / d) for d in ("manifests", "volumes", "cache", "embeddings", "checkpoints")}
+    out["disk"] = {name: _du(path) for name, path in Workdir(workdir).disk_folders().items()}
     return out

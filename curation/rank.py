@@ -12,9 +12,12 @@ import numpy as np
 import pandas as pd
 
 from .fsutil import atomic_write_text
-from .manifest import PLANE_AXIS, SLICES_SCHEMA, manifest_dir, read_manifest, write_manifest
+from .embed_store import latest_fingerprint, read_table
+from .layout import Workdir
+from .manifest import PLANE_AXIS, SLICES_SCHEMA, read_manifest, write_manifest
 from .rank_eval import evaluate, format_table
-from .vote import builtin_features, rank_pools, reduce_features
+from .features import builtin_features, reduce_features
+from .vote import rank_pools
 
 
 @dataclass
@@ -66,8 +69,6 @@ def builtin_slice_features(
 
 def clip_slice_features(workdir: Path, slices: pd.DataFrame, fingerprint: str | None) -> np.ndarray:
     """CLIP image embeddings from `train embed`'s cache, keyed by the slice PNG's sha256."""
-    from training.embed_store import latest_fingerprint, read_table
-
     fingerprint = fingerprint or latest_fingerprint(workdir)
     table = read_table(workdir, fingerprint, "image")
     keys = slices["image_sha256"].tolist() if "image_sha256" in slices else [None] * len(slices)
@@ -83,12 +84,12 @@ def clip_slice_features(workdir: Path, slices: pd.DataFrame, fingerprint: str | 
 def run_rank(cfg: RankConfig, progress: Callable[[str, int, int], None] | None = None) -> RankSummary:
     """Rank every slice of every ok volume; rewrite slices.parquet with the vote columns."""
     t0 = time.perf_counter()
-    workdir = Path(cfg.workdir)
-    mdir = manifest_dir(workdir)
-    if not (mdir / "slices.parquet").exists():
-        raise FileNotFoundError(f"{mdir / 'slices.parquet'}: no slices yet (run `curate slice` first)")
-    slices = read_manifest(mdir / "slices.parquet")
-    volumes = read_manifest(mdir / "volumes.parquet")
+    wd = Workdir(cfg.workdir)
+    workdir = wd.root
+    if not wd.slices_manifest.exists():
+        raise FileNotFoundError(f"{wd.slices_manifest}: no slices yet (run `curate slice` first)")
+    slices = read_manifest(wd.slices_manifest)
+    volumes = read_manifest(wd.volumes_manifest)
     volumes = volumes[volumes["status"] == "ok"]
     slices = slices[slices["volume_id"].isin(volumes["volume_id"])].reset_index(drop=True)
     summary = RankSummary(slices=len(slices))
@@ -119,7 +120,7 @@ def run_rank(cfg: RankConfig, progress: Callable[[str, int, int], None] | None =
     ranked = ranked.sort_values(["volume_id", "plane_index", "index"], ignore_index=True)
     summary.slices_path = write_manifest(
         ranked,
-        mdir / "slices.parquet",
+        wd.slices_manifest,
         SLICES_SCHEMA,
         {"rank_features": cfg.features, "rank_k": cfg.k if cfg.k is not None else "auto", "rank_seed": cfg.seed},
     )
@@ -129,7 +130,7 @@ def run_rank(cfg: RankConfig, progress: Callable[[str, int, int], None] | None =
         result = evaluate(ranked, feats[pos], seed=cfg.seed)
         summary.evaluation = result
         summary.evaluation_table = format_table(result)
-        out = workdir / "reports" / "rank_eval.json"
+        out = wd.rank_eval
         payload = {"table": summary.evaluation_table, "result": result, "features": cfg.features}
         atomic_write_text(out, json.dumps(payload, indent=2))
         summary.eval_path = out

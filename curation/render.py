@@ -19,13 +19,13 @@ import pandas as pd
 from PIL import Image
 
 from .fsutil import atomic_write_bytes
+from .layout import Workdir
 from .manifest import PLANE_AXIS
+from .volume_store import load_display
 
 
 @lru_cache(maxsize=4)
 def _display_cached(path: str, mtime_ns: int) -> np.ndarray:
-    from .slicing import load_display
-
     return load_display(path)
 
 
@@ -64,14 +64,10 @@ def render_png(display: np.ndarray, volume: Mapping[str, Any], plane: str, index
     return buf.getvalue()
 
 
-def png_relpath(volume_id: str, plane: str, index: int, size: int) -> str:
-    return f"cache/png/{size}/{volume_id}/{plane}_{index:03d}.png"
-
-
 def render_slice(workdir: Path, volume: Mapping[str, Any], plane: str, index: int, size: int = 512) -> tuple[str, str]:
     """Render (or reuse) one slice PNG; returns (path relative to workdir, sha256 of the PNG)."""
     workdir = Path(workdir)
-    rel = png_relpath(volume["volume_id"], plane, index, size)
+    rel = Workdir.png_relpath(volume["volume_id"], plane, index, size)
     path = workdir / rel
     if path.exists():
         return rel, hashlib.sha256(path.read_bytes()).hexdigest()

@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from .fsutil import atomic_write_text
-from .manifest import PLANES, manifest_dir, read_manifest
-from .query import release_manifests
+from .layout import Workdir
+from .manifest import PLANES, read_manifest, release_manifests
 from .render import render_slices
 
 STRIP_PER_PLANE = 16  # ~this many evenly spaced slices per plane, plus every chosen slice
@@ -188,7 +188,7 @@ def _volume_page(vol: dict[str, Any], shown: pd.DataFrame, n_total: pd.Series) -
 
 
 def _eval_section(workdir: Path) -> str:
-    path = workdir / "reports" / "rank_eval.json"
+    path = Workdir(workdir).rank_eval
     if not path.exists():
         return "<p>No reports/rank_eval.json (run <code>curate rank --evaluate</code>).</p>"
     try:
@@ -208,10 +208,10 @@ def build_report(workdir: Path, size: int = 256, max_volumes: int | None = None)
         size: thumbnail PNG size in px (rendered and cached under ``cache/png/<size>/``).
         max_volumes: at most this many volume pages (the first by volume_id); None for all.
     """
-    workdir = Path(workdir)
-    mdir = manifest_dir(workdir)
-    volumes = read_manifest(mdir / "volumes.parquet").sort_values("volume_id", kind="stable")
-    slices = read_manifest(mdir / "slices.parquet")
+    wd = Workdir(workdir)
+    workdir = wd.root
+    volumes = read_manifest(wd.volumes_manifest).sort_values("volume_id", kind="stable")
+    slices = read_manifest(wd.slices_manifest)
     for col in ("vote_score", "vote_rank", "selection_order"):
         if col not in slices.columns:
             slices[col] = None
@@ -233,7 +233,7 @@ def build_report(workdir: Path, size: int = 256, max_volumes: int | None = None)
     shown = render_slices(workdir, shown, paged, size) if len(shown) else shown.assign(image_path=None)
     shown = shown.sort_values(["volume_id", "plane_index", "index"], kind="stable")
 
-    out = workdir / "reports"
+    out = wd.reports
     vdir = out / "volumes"
     written = set()
     counts = slices.groupby(["volume_id", "plane"]).size()

@@ -17,7 +17,7 @@ $BIN/curate slice --dataset dicom --root "$WORK/data/dicom" --workdir "$WORK"
 step "curate rank"
 $BIN/curate rank --workdir "$WORK" --evaluate
 # Release manifests are immutable: a rerun of the demo writes the next version.
-REL=$($BIN/python -c "import sys; from captions.release import next_release_path; print(next_release_path(sys.argv[1]).relative_to(sys.argv[1]))" "$WORK")
+REL=$($BIN/python -c "import sys; from curation.manifest import next_release_path; print(next_release_path(sys.argv[1]).relative_to(sys.argv[1]))" "$WORK")
 step "curate caption (offline captioner; set OPENAI_API_KEY and --provider openai for a VLM) -> $REL"
 $BIN/curate caption --workdir "$WORK" --provider offline --out "$REL"
 step "curate query"

@@ -1,5 +1,5 @@
-"""Caption every PNG in a folder against an OpenAI-compatible server; the kill tests run this
-as a subprocess and ``kill -9`` it mid-run. The key comes from OPENAI_API_KEY.
+"""Caption requests for the tests: tiny PNGs, requests over them, and a driver the kill tests run
+as a subprocess and ``kill -9`` mid-run (the key comes from OPENAI_API_KEY).
 
     python tests/caption_driver.py --base-url http://127.0.0.1:8123/v1 --images DIR --cache DB
 """
@@ -12,10 +12,21 @@ import json
 import os
 from pathlib import Path
 
-from captions.client import RetryPolicy
-from captions.engine import CaptionRequest, run_captions
+from PIL import Image
+
+from captions.engine import run_captions
+from captions.jobs import CaptionRequest
+from captions.options import CaptionOptions, RetryPolicy
 
 PLANES = ("axial", "coronal", "sagittal")
+
+
+def write_pngs(folder: Path, n: int) -> Path:
+    """n tiny PNGs with distinct bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("L", (16 + i // 200, 16), (i * 37) % 256).save(folder / f"img{i:03d}.png")
+    return folder
 
 
 def make_requests(images: Path) -> list[CaptionRequest]:
@@ -43,12 +54,12 @@ def main() -> None:
     parser.add_argument("--batch-dir", type=Path, default=None)
     parser.add_argument("--poll-interval", type=float, default=0.05)
     args = parser.parse_args()
-    summary = run_captions(
-        make_requests(args.images), provider="openai", model="gpt-4o", base_url=args.base_url,
-        api_key=os.environ.get("OPENAI_API_KEY"), cache=args.cache, concurrency=args.concurrency,
-        mode=args.mode, batch_dir=args.batch_dir, poll_interval=args.poll_interval,
+    options = CaptionOptions(
+        provider="openai", model="gpt-4o", base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY"),
+        concurrency=args.concurrency, mode=args.mode, poll_interval=args.poll_interval,
         retry=RetryPolicy(initial_s=0.01, max_wait_s=0.2),
     )
+    summary = run_captions(make_requests(args.images), options, cache=args.cache, batch_dir=args.batch_dir)
     print(json.dumps(summary.as_dict()), flush=True)
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny asymmetric phantoms written in several orientations."""
+"""Shared fixtures: tiny asymmetric phantoms written in several orientations, and (as a plugin)
+the fake OpenAI server fixtures of ``fake_openai.py``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
+# `tests/` is on sys.path (pyproject: pythonpath), so plugins and helpers import by name.
+pytest_plugins = ["fake_openai"]
 
 
 def phantom_ras(shape: tuple[int, int, int] = (24, 20, 16), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

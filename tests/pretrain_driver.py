@@ -1,7 +1,7 @@
 """Run `pretrain` from a JSON file of PretrainConfig fields; the kill and torchrun tests start
 this as a subprocess (directly, or under ``torchrun --nproc-per-node N``).
 
-    python tests/pretrain_driver.py --config cfg.json [--out result.json]
+    python tests/pretrain_driver.py --config cfg.json [--out result.json] [--step-sleep S]
 """
 
 from __future__ import annotations
@@ -9,13 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from training.pretrain import PretrainConfig, _Trainer, pretrain  # noqa: E402
+from training.pretrain import PretrainConfig, pretrain
 
 
 def main() -> None:
@@ -24,18 +21,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="rank 0 writes the result here")
     parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep after every step")
     args = parser.parse_args()
-    if args.step_sleep:
-        step = _Trainer._train_step
-
-        def slow_step(self, it):
-            out = step(self, it)
-            time.sleep(args.step_sleep)
-            return out
-
-        _Trainer._train_step = slow_step
     fields = json.loads(args.config.read_text())
     fields["workdir"] = Path(fields["workdir"])
-    result = pretrain(PretrainConfig(**fields))
+    on_step = (lambda step, row: time.sleep(args.step_sleep)) if args.step_sleep else None
+    result = pretrain(PretrainConfig(**fields), on_step=on_step)
     if args.out is not None and int(os.environ.get("RANK", "0")) == 0:
         args.out.write_text(json.dumps({
             "start_step": result.start_step, "step": result.step, "losses": result.losses,

@@ -1,4 +1,5 @@
-"""Captioning units: prompts, cache, cost rules, retry hints, refusals, offline captioner."""
+"""Captioning units: prompts, cache, cost rules, retry hints, refusals, offline captioner,
+options, budget, cache keys and rows."""
 
 from __future__ import annotations
 
@@ -6,34 +7,29 @@ import hashlib
 import json
 import logging
 import sqlite3
-import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from caption_driver import make_requests  # noqa: E402
-
-from captions import cost  # noqa: E402
-from captions.cache import CaptionCache, cache_key  # noqa: E402
-from captions.client import detect_refusal, redact, retry_after_hint  # noqa: E402
-from captions.engine import CaptionRequest, lookup, run_captions  # noqa: E402
-from captions.offline import offline_caption  # noqa: E402
-from captions.prompts import (  # noqa: E402
+from captions import cost
+from captions.budget import Budget
+from captions.cache import COLUMNS, CaptionCache, cache_key
+from captions.client import Answer, detect_refusal, redact, retry_after_hint
+from captions.engine import lookup, run_captions
+from captions.errors import FatalAPIError
+from captions.jobs import CaptionRequest, cache_row, caption_job
+from captions.offline import offline_caption
+from captions.options import CaptionOptions
+from captions.prompts import (
     FALLBACK_PROMPT_VERSION, PROMPT_VERSION, build_messages, position_word, prompt_digest,
 )
 
+from caption_driver import make_requests, write_pngs
 
-def write_pngs(folder: Path, n: int) -> Path:
-    """n tiny PNGs with distinct bytes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.new("L", (16 + i // 200, 16), (i * 37) % 256).save(folder / f"img{i:03d}.png")
-    return folder
-
+OFFLINE = CaptionOptions(provider="offline")
 
 CTX = {"modality": "CT", "plane": "axial", "position": 0.8, "body_region": "abdomen",
        "labels_present": ["liver", "right_kidney", "background"], "dataset": "3dseg8"}
@@ -161,12 +157,12 @@ def test_offline_captions_are_grounded_and_deterministic(tmp_path):
 def test_offline_run_writes_cache_and_rerun_is_cached(tmp_path):
     requests = make_requests(write_pngs(tmp_path / "png", 12))
     cache = tmp_path / "captions.sqlite"
-    first = run_captions(requests, provider="offline", cache=cache, budget=10)
+    first = run_captions(requests, replace(OFFLINE, budget=10), cache=cache)
     assert (first.sent, first.succeeded, first.over_budget, first.usd_actual) == (10, 10, 2, 0.0)
-    second = run_captions(requests, provider="offline", cache=cache)
+    second = run_captions(requests, OFFLINE, cache=cache)
     assert (second.cached, second.sent) == (10, 2)
     with CaptionCache(cache) as db:
-        rows = lookup(requests, cache=db, provider="offline")
+        rows = lookup(requests, OFFLINE, cache=db)
         assert set(rows) == {r.slice_id for r in requests}
         assert {r["mode"] for r in rows.values()} == {"offline"}
         assert all(r["cost_usd"] == 0.0 and not r["refused"] for r in rows.values())
@@ -178,7 +174,70 @@ def test_duplicate_images_are_asked_once(tmp_path):
     png = write_pngs(tmp_path / "png", 1) / "img000.png"
     sha = hashlib.sha256(png.read_bytes()).hexdigest()
     requests = [CaptionRequest(f"v{i}:axial:0", png, sha, CTX) for i in range(3)]
-    summary = run_captions(requests, provider="offline", cache=tmp_path / "c.sqlite")
+    summary = run_captions(requests, OFFLINE, cache=tmp_path / "c.sqlite")
     assert (summary.sent, summary.duplicates) == (1, 2)
     with CaptionCache(tmp_path / "c.sqlite") as db:
-        assert len(lookup(requests, cache=db, provider="offline")) == 3
+        assert len(lookup(requests, OFFLINE, cache=db)) == 3
+
+
+def test_cache_keys_are_those_of_earlier_versions():
+    """Keys written by earlier versions must still hit: pinned, for each provider and prompt."""
+    req = CaptionRequest("v:axial:40", Path("x.png"), "ab" * 32, CTX)
+    pinned = [
+        (CaptionOptions(), ("ffda63526e05579740d8511d0bc3d8ac202611c41b1dc3ad3bc814ce1a4a48e1",
+                            "4a4459882b5034090346012eb91cf85055a567bcb72466f44d9683590634ec72")),
+        (CaptionOptions(model="gpt-4.1-mini", detail="high", mode="batch"), (
+            "6785979290d99528e0331fc1974e72ca2518cc52460aa8b40c0a366d01eaab5d",
+            "54df2be7edb1e4939d7812feae7e1fd874fcd11c8fa09be1bd5507723c225693")),
+        (OFFLINE, ("18eb29a17eadf043b3494f103e4f21d88a39c1795a05a0c96cec2f86fb40c4a3",
+                   "29cd2a3a74e303cf5c9a8ec72c5cf03e5b9998acb19eaa66a92997845646af92")),
+    ]
+    for options, (primary, fallback) in pinned:
+        assert caption_job(options, req).key == primary
+        assert caption_job(options, req, FALLBACK_PROMPT_VERSION).key == fallback
+
+
+def test_options_resolve_validate_and_hide_the_key():
+    assert (OFFLINE.model, OFFLINE.mode) == ("template", "offline")
+    assert replace(OFFLINE, mode="batch").mode == "offline"  # the offline captioner never batches
+    assert CaptionOptions().model == cost.DEFAULT_MODEL and CaptionOptions(concurrency=0).concurrency == 1
+    key = CaptionOptions(api_key="sk-test-SECRET123")
+    assert "SECRET123" not in repr(key) + str(key) and key.request_key() == "sk-test-SECRET123"
+    assert CaptionOptions(base_url="http://127.0.0.1:1/v1").request_key() == "not-needed"
+    with pytest.raises(FatalAPIError, match="OPENAI_API_KEY"):
+        CaptionOptions().request_key()
+    for bad in (dict(provider="anthropic"), dict(mode="stream"), dict(detail="medium"),
+                dict(model="llava-local", max_usd=1.0)):
+        with pytest.raises(ValueError):
+            CaptionOptions(**bad)
+
+
+def test_budget_counts_new_requests_only_and_never_skips_ahead():
+    budget = Budget(limit=2)
+    assert [budget.take(free=f) for f in (True, False, True, False, False, True)] == [True] * 4 + [False, True]
+    assert budget.used == 2 and budget.full and budget.left == 0 and not budget.room()
+    assert not budget.take() and not budget.reask()
+    assert Budget(limit=3, used=2).reask() and Budget().take() and Budget().left is None
+    usd = Budget(max_usd=1.0)
+    assert usd.take(usd=0.6) and not usd.take(usd=0.5) and "--max-usd 1" in usd.stopped
+    assert not usd.take(usd=0.1)  # a cheaper request never jumps the queue
+    assert usd.take(free=True) and usd.planned_usd == pytest.approx(0.6)
+    live = Budget(max_usd=1.0)  # at send time: reported spend + in flight + this one
+    live.reserve(0.5)
+    assert live.may_send(0.5) and not live.may_send(0.6)
+    live.release(0.5)
+    live.spend(0.7)
+    assert not live.may_send(0.4) and live.may_send(0.3) and live.may_send(None)
+
+
+def test_one_cache_row_builder_for_sync_batch_and_offline():
+    req = CaptionRequest("v:axial:1", Path("x.png"), "cd" * 32, CTX)
+    answer = Answer("Axial CT.", "stop", False, 1000, 100, "req_1", None)
+    item = caption_job(CaptionOptions(), req).item
+    sync, batch = cache_row(item, answer, "sync"), cache_row(item, answer, "batch", "req_batch")
+    assert set(sync) == set(COLUMNS) - {"created_at"}
+    assert sync["cost_usd"] == pytest.approx(cost.cost_usd("gpt-4o", 1000, 100)) == 2 * batch["cost_usd"]
+    assert (sync["request_id"], batch["request_id"], sync["model"]) == ("req_1", "req_batch", "gpt-4o")
+    assert sync["key"] == item.key and sync["params"] == item.params and sync["prompt_version"] == PROMPT_VERSION
+    free = cache_row(caption_job(OFFLINE, req).item, Answer("t", "stop", False, 0, 0, None, None), "offline")
+    assert (free["cost_usd"], free["model"], free["mode"]) == (0.0, "template", "offline")

@@ -10,25 +10,27 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+from captions import batch as batchflow
+from captions.cache import CaptionCache
+from captions.cost import cost_usd
+from captions.engine import lookup, run_captions
+from captions.jobs import CacheItem
+from captions.options import CaptionOptions, RetryPolicy
 
-from caption_driver import make_requests  # noqa: E402
-from fake_openai import FakeConfig, FakeOpenAI  # noqa: E402
-from test_captions import write_pngs  # noqa: E402
+from caption_driver import make_requests, write_pngs
+from fake_openai import TEST_KEY as KEY, FakeOpenAI
 
-from captions import batch as batchflow  # noqa: E402
-from captions.cache import CaptionCache  # noqa: E402
-from captions.client import RetryPolicy  # noqa: E402
-from captions.cost import cost_usd  # noqa: E402
-from captions.engine import lookup, run_captions  # noqa: E402
-
-KEY = "sk-test-SECRET123"
 DRIVER = Path(__file__).parent / "caption_driver.py"
 N, CONCURRENCY = 40, 4
+
+
+def options(fake: FakeOpenAI, **kw) -> CaptionOptions:
+    return CaptionOptions(base_url=fake.base_url, api_key=KEY, **kw)
 
 
 def start_driver(fake: FakeOpenAI, images: Path, cache: Path, *extra: str) -> subprocess.Popen:
@@ -65,32 +67,30 @@ def texts(cache: Path) -> dict[str, str]:
         return {row["key"]: row["text"] for row in db.rows()}
 
 
-def test_sync_kill_9_loses_no_answer_and_never_pays_twice(tmp_path):
+def test_sync_kill_9_loses_no_answer_and_never_pays_twice(tmp_path, start_fake_openai):
     images = write_pngs(tmp_path / "png", N)
     requests = make_requests(images)
+    sync = dict(concurrency=CONCURRENCY, retry=RetryPolicy(initial_s=0.01))
     # Reference: an uninterrupted run against its own server.
-    with FakeOpenAI(FakeConfig(api_key=KEY)) as ref_server:
-        run_captions(requests, base_url=ref_server.base_url, api_key=KEY, cache=tmp_path / "ref.sqlite",
-                     concurrency=CONCURRENCY, retry=RetryPolicy(initial_s=0.01))
+    run_captions(requests, options(start_fake_openai(), **sync), cache=tmp_path / "ref.sqlite")
     reference = texts(tmp_path / "ref.sqlite")
     assert len(reference) == N
 
     cache = tmp_path / "captions.sqlite"
-    with FakeOpenAI(FakeConfig(api_key=KEY, latency=0.1)) as fake:
-        proc = start_driver(fake, images, cache)
-        wait_for(lambda: cached_rows(cache) >= 8, proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        with CaptionCache(cache) as db:  # opening recovers the WAL, as a rerun would
-            committed = {row["image_sha256"] for row in db.rows()}
-        assert 8 <= len(committed) < N, "the kill must land mid-run"
-        time.sleep(0.15)  # let the server finish the requests that were in flight at the kill
-        seen_before_rerun = len(fake.chat_log())
+    fake = start_fake_openai(latency=0.1)
+    proc = start_driver(fake, images, cache)
+    wait_for(lambda: cached_rows(cache) >= 8, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with CaptionCache(cache) as db:  # opening recovers the WAL, as a rerun would
+        committed = {row["image_sha256"] for row in db.rows()}
+    assert 8 <= len(committed) < N, "the kill must land mid-run"
+    time.sleep(0.15)  # let the server finish the requests that were in flight at the kill
+    seen_before_rerun = len(fake.chat_log())
 
-        summary = run_captions(requests, base_url=fake.base_url, api_key=KEY, cache=cache,
-                               concurrency=CONCURRENCY, retry=RetryPolicy(initial_s=0.01))
-        rerun = fake.chat_log()[seen_before_rerun:]
-        answered = Counter(r["signature"] for r in fake.answered())
+    summary = run_captions(requests, options(fake, **sync), cache=cache)
+    rerun = fake.chat_log()[seen_before_rerun:]
+    answered = Counter(r["signature"] for r in fake.answered())
 
     # 1. The rerun asked only for what was not committed at the kill, and nothing else.
     assert not {r["image_sha256"] for r in rerun} & committed
@@ -104,36 +104,36 @@ def test_sync_kill_9_loses_no_answer_and_never_pays_twice(tmp_path):
     assert all(n == 2 for n in answered.values() if n > 1)
 
 
-def test_batch_kill_after_create_resumes_polling_and_submits_nothing_new(tmp_path):
+def test_batch_kill_after_create_resumes_polling_and_submits_nothing_new(tmp_path, start_fake_openai):
     images = write_pngs(tmp_path / "png", N)
     requests = make_requests(images)
     cache, batch_dir = tmp_path / "captions.sqlite", tmp_path / "batches"
-    with FakeOpenAI(FakeConfig(api_key=KEY, batch_delay=1.0)) as fake:
-        proc = start_driver(fake, images, cache, "--mode", "batch", "--batch-dir", str(batch_dir))
-        state = batch_dir / batchflow.STATE_NAME
+    fake = start_fake_openai(batch_delay=1.0)
+    proc = start_driver(fake, images, cache, "--mode", "batch", "--batch-dir", str(batch_dir))
+    state = batch_dir / batchflow.STATE_NAME
 
-        def submitted() -> bool:
-            entries = json.loads(state.read_text())["batches"] if state.exists() else []
-            return any(e.get("batch_id") for e in entries)
+    def submitted() -> bool:
+        entries = json.loads(state.read_text())["batches"] if state.exists() else []
+        return any(e.get("batch_id") for e in entries)
 
-        wait_for(submitted, proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert fake.calls("POST", "/v1/batches") == 1 and fake.calls("POST", "/v1/files") == 1
-        assert not fake.batches[next(iter(fake.batches))].get("output_file_id")  # killed before download
-        assert [p["status"] for p in batchflow.status(batch_dir)] == ["submitted"]
-        assert cached_rows(cache) == 0
+    wait_for(submitted, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert fake.calls("POST", "/v1/batches") == 1 and fake.calls("POST", "/v1/files") == 1
+    assert not fake.batches[next(iter(fake.batches))].get("output_file_id")  # killed before download
+    assert [p["status"] for p in batchflow.status(batch_dir)] == ["submitted"]
+    assert cached_rows(cache) == 0
 
-        summary = run_captions(requests, base_url=fake.base_url, api_key=KEY, cache=cache, mode="batch",
-                               batch_dir=batch_dir, poll_interval=0.05)
-        assert fake.calls("POST", "/v1/batches") == 1 and fake.calls("POST", "/v1/files") == 1
-        assert fake.chat_log() == []
+    batch = options(fake, mode="batch", poll_interval=0.05)
+    summary = run_captions(requests, batch, cache=cache, batch_dir=batch_dir)
+    assert fake.calls("POST", "/v1/batches") == 1 and fake.calls("POST", "/v1/files") == 1
+    assert fake.chat_log() == []
     assert summary.sent == 0 and summary.succeeded == N and summary.failed == 0
     assert batchflow.status(batch_dir) == []
     for path in [*batch_dir.iterdir(), *tmp_path.glob("captions.sqlite*")]:
         assert b"SECRET123" not in path.read_bytes()
     with CaptionCache(cache) as db:
-        rows = lookup(requests, cache=db)
+        rows = lookup(requests, batch, cache=db)
     assert len(rows) == N
     for row in rows.values():  # joined by custom_id although the server reversed the order
         assert row["text"].startswith("Synthetic caption " + row["image_sha256"][:12])
@@ -142,55 +142,58 @@ def test_batch_kill_after_create_resumes_polling_and_submits_nothing_new(tmp_pat
             cost_usd("gpt-4o", row["prompt_tokens"], row["completion_tokens"]) / 2)
 
 
-def test_batch_without_waiting_then_status_then_finish(tmp_path):
+def test_batch_without_waiting_then_status_then_finish(tmp_path, start_fake_openai):
     images = write_pngs(tmp_path / "png", 6)
     (images / "img999.png").write_bytes(b"not a png")  # the server rejects it: error file
     requests = make_requests(images)
     cache, batch_dir = tmp_path / "c.sqlite", tmp_path / "batches"
-    common = dict(base_url=None, api_key=KEY, cache=cache, mode="batch", batch_dir=batch_dir, poll_interval=0.05)
-    with FakeOpenAI(FakeConfig(api_key=KEY, batch_delay=0.2)) as fake:
-        common["base_url"] = fake.base_url
-        first = run_captions(requests, batch_wait=False, **common)
-        assert (first.sent, first.pending, first.succeeded) == (7, 7, 0)
-        pending = batchflow.status(batch_dir)
-        assert len(pending) == 1 and pending[0]["n_requests"] == 7
-        assert pending[0]["remote_status"] in ("validating", "in_progress")
-        time.sleep(0.25)
-        refreshed = batchflow.status(batch_dir, api_key=KEY, base_url=fake.base_url)
-        assert refreshed[0]["remote_status"] == "completed" and refreshed[0]["status"] == "submitted"
-        dry = run_captions(requests, dry_run=True, **common)
-        assert (dry.pending, dry.to_send) == (7, 0)  # never submitted twice, even in plans
-        second = run_captions(requests, **common)
-        # The old batch is ingested; its failed request is not cached, so this run submits it
-        # once more (and the server rejects it again). Nothing answered is ever resubmitted.
-        assert (second.sent, second.succeeded, second.failed) == (1, 6, 2)
-        assert "Invalid request" in second.errors[0]
-        assert fake.calls("POST", "/v1/batches") == 2
-        lines = Counter(r["custom_id"] for r in fake.log if r["path"] == "batch-line")
-        assert sorted(lines.values()) == [1] * 6 + [2]
+    fake = start_fake_openai(batch_delay=0.2)
+    batch = options(fake, mode="batch", poll_interval=0.05)
+    first = run_captions(requests, replace(batch, batch_wait=False), cache=cache, batch_dir=batch_dir)
+    assert (first.sent, first.pending, first.succeeded) == (7, 7, 0)
+    pending = batchflow.status(batch_dir)
+    assert len(pending) == 1 and pending[0]["n_requests"] == 7
+    assert pending[0]["remote_status"] in ("validating", "in_progress")
+    time.sleep(0.25)
+    refreshed = batchflow.status(batch_dir, api_key=KEY, base_url=fake.base_url)
+    assert refreshed[0]["remote_status"] == "completed" and refreshed[0]["status"] == "submitted"
+    dry = run_captions(requests, replace(batch, dry_run=True), cache=cache, batch_dir=batch_dir)
+    assert (dry.pending, dry.to_send) == (7, 0)  # never submitted twice, even in plans
+    second = run_captions(requests, batch, cache=cache, batch_dir=batch_dir)
+    # The old batch is ingested; its failed request is not cached, so this run submits it
+    # once more (and the server rejects it again). Nothing answered is ever resubmitted.
+    assert (second.sent, second.succeeded, second.failed) == (1, 6, 2)
+    assert "Invalid request" in second.errors[0]
+    assert fake.calls("POST", "/v1/batches") == 2
+    lines = Counter(r["custom_id"] for r in fake.log if r["path"] == "batch-line")
+    assert sorted(lines.values()) == [1] * 6 + [2]
 
 
-def test_batch_created_but_id_not_saved_is_adopted_not_resubmitted(tmp_path):
+def test_batch_created_but_id_not_saved_is_adopted_not_resubmitted(tmp_path, start_fake_openai):
     requests = make_requests(write_pngs(tmp_path / "png", 5))
     cache, batch_dir = tmp_path / "c.sqlite", tmp_path / "batches"
-    with FakeOpenAI(FakeConfig(api_key=KEY, batch_delay=0.1)) as fake:
-        common = dict(base_url=fake.base_url, api_key=KEY, cache=cache, mode="batch", batch_dir=batch_dir,
-                      poll_interval=0.05)
-        run_captions(requests, batch_wait=False, **common)
-        # Simulate a crash between batches.create returning and the state save.
-        store = batchflow.BatchStore(batch_dir)
-        entry = store.entries[0]
-        entry["status"] = "uploaded"
-        entry.pop("batch_id")
-        store.save()
-        summary = run_captions(requests, **common)
-        assert fake.calls("POST", "/v1/batches") == 1 and fake.calls("POST", "/v1/files") == 1
+    fake = start_fake_openai(batch_delay=0.1)
+    batch = options(fake, mode="batch", poll_interval=0.05)
+    run_captions(requests, replace(batch, batch_wait=False), cache=cache, batch_dir=batch_dir)
+    # Simulate a crash between batches.create returning and the state save.
+    store = batchflow.BatchStore(batch_dir)
+    entry = store.entries[0]
+    entry["status"] = "uploaded"
+    entry.pop("batch_id")
+    store.save()
+    summary = run_captions(requests, batch, cache=cache, batch_dir=batch_dir)
+    assert fake.calls("POST", "/v1/batches") == 1 and fake.calls("POST", "/v1/files") == 1
     assert summary.succeeded == 5
+
+
+def test_batch_mode_needs_a_batch_dir(tmp_path, fake_openai):
+    with pytest.raises(ValueError, match="batch_dir"):
+        run_captions([], options(fake_openai, mode="batch"), cache=tmp_path / "c.sqlite")
 
 
 def test_jsonl_files_respect_request_and_size_limits(tmp_path):
     store = batchflow.BatchStore(tmp_path)
-    items = [batchflow.BatchItem(f"k{i}", f"s{i}", "sha", "openai", "gpt-4o", "v1", {}) for i in range(7)]
+    items = [CacheItem(f"k{i}", f"s{i}", "sha", "openai", "gpt-4o", "v1", {}) for i in range(7)]
     entries = batchflow.write_inputs(store, items, lambda item: {"pad": "x" * 100}, max_requests=3)
     assert [e["n_requests"] for e in entries] == [3, 3, 1]
     entries = batchflow.write_inputs(store, items, lambda item: {"pad": "x" * 100}, max_bytes=450)

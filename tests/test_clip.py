@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -21,10 +22,15 @@ import pytest
 import torch
 from PIL import Image
 
+from curation.layout import Workdir
 from curation.manifest import write_manifest
+from training.checkpoint import save
 from training.clip_models import register_tiny
-from training.clip_train import ClipTrainConfig, cosine_lr, train_clip
+from training.clip_train import ClipTrainConfig, train_clip, train_step
+from training.optim import param_groups, warmup_cosine
+from training.precision import Precision
 from training.retrieval import dedupe_pairs, recall_at_k
+from training.rng import rng_state, set_rng_state
 
 TINY = "training/configs/tiny-clip.json"
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,11 +126,20 @@ def test_recall_counts_duplicates_as_one():
     assert m["t2i_R@1"] == 0.0 and m["t2i_R@2"] == 0.5  # "a": top2 = {2, 1} -> hit; "b": {0, 1} -> miss
 
 
-def test_cosine_schedule():
-    assert cosine_lr(0, 1.0, 4, 20) == pytest.approx(0.25)
-    assert cosine_lr(3, 1.0, 4, 20) == pytest.approx(1.0)
-    assert cosine_lr(12, 1.0, 4, 20) == pytest.approx(0.5)
-    assert cosine_lr(20, 1.0, 4, 20) == pytest.approx(0.0)
+def test_cosine_schedule_and_weight_decay_groups():
+    assert warmup_cosine(0, 4, 20) == pytest.approx(0.25)
+    assert warmup_cosine(3, 4, 20) == pytest.approx(1.0)
+    assert warmup_cosine(12, 4, 20) == pytest.approx(0.5)
+    assert warmup_cosine(20, 4, 20) == pytest.approx(0.0)
+    register_tiny()
+    model = open_clip.create_model("tiny-clip")
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    # As open_clip: no decay on gains, biases and the logit scale; matrices (embeddings too) decay.
+    assert "logit_scale" in exempt and "ln_final.weight" in exempt and "visual.conv1.weight" not in exempt
+    assert not any(n.endswith("bias") for n in (names[id(p)] for p in decay["params"]))
+    assert "token_embedding.weight" in {names[id(p)] for p in decay["params"]}
 
 
 def test_finetune_beats_base_model(trained):
@@ -133,9 +148,11 @@ def test_finetune_beats_base_model(trained):
     assert base["n_images"] == 48 and base["n_texts"] == 3
     assert final["mean_R@1"] >= 0.85, final
     assert final["mean_R@1"] >= base["mean_R@1"] + 0.4, (base, final)
-    lines = [json.loads(x) for x in (workdir / "checkpoints/clip/metrics.jsonl").read_text().splitlines()]
-    assert [x["epoch"] for x in lines] == list(range(6)) and lines[0]["kind"] == "base"
-    assert lines[-1]["val"]["i2t_R@1"] == final["i2t_R@1"]
+    lines = [json.loads(x) for x in (Workdir(workdir).clip_checkpoints / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == list(range(6)) and "loss" not in lines[0]
+    assert lines[0]["val/mean_R@1"] == base["mean_R@1"] and lines[-1]["val/i2t_R@1"] == final["i2t_R@1"]
+    assert {"loss", "lr", "logit_scale", "val/t2i_R@5"} <= lines[-1].keys()
+    assert result.history == lines
 
 
 def test_final_checkpoint_loads_with_open_clip(trained):
@@ -170,6 +187,36 @@ def test_resume_latest_matches_uninterrupted_run(trained, tmp_path):
     assert steps == [0, 6, 12, 18, 24, 30]
 
 
+def test_resume_restores_every_rng_and_this_runs_config(tmp_path, caplog):
+    """latest.pt carries python, numpy and torch RNG state, and --resume restores all three; a
+    changed --wd applies to the resumed optimizer (with a warning), an allowed field silently."""
+    make_workdir(tmp_path, CASES, per_plane=2)
+    first = train_clip(tiny_cfg(tmp_path, epochs=2, batch_size=8, max_steps=1))
+    latest = first.latest_checkpoint
+    ckpt = torch.load(latest, weights_only=True)
+    assert set(ckpt["rng"]) == {"python", "numpy", "torch", "cuda"}
+    # Put a recognisable state in the checkpoint; resuming with nothing left to train saves it back.
+    np.random.seed(1234)
+    torch.manual_seed(1234)
+    expected = rng_state()
+    ckpt["rng"] = expected
+    save(ckpt, latest)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    caplog.set_level(logging.WARNING, logger="training")
+    again = train_clip(tiny_cfg(tmp_path, epochs=2, batch_size=8, max_steps=1, resume="latest", wd=0.05, workers=1))
+    assert again.step == 1
+    assert [m for m in caplog.messages if m.startswith("resume:")] == ["resume: wd changed from 0.1 to 0.05"]
+    saved = torch.load(latest, weights_only=True)
+    assert [g["weight_decay"] for g in saved["optimizer"]["param_groups"]] == [0.05, 0.0]
+    set_rng_state(saved["rng"])
+    a = (np.random.random(4), torch.rand(4))
+    set_rng_state(expected)
+    b = (np.random.random(4), torch.rand(4))
+    np.testing.assert_array_equal(a[0], b[0])
+    assert torch.equal(a[1], b[1])
+
+
 def test_lock_image_and_accum_freq(tmp_path):
     """A locked tower does not move; accumulation 2 x 8 trains like batch 16 (one step per 2 batches)."""
     make_workdir(tmp_path, CASES, per_plane=2)
@@ -188,8 +235,6 @@ def test_lock_image_and_accum_freq(tmp_path):
 def test_accum_freq_gives_the_full_batch_gradient():
     """Two accumulated chunks of 4 must give exactly the gradient of one batch of 8,
     logit scale included (counted once, not once per chunk)."""
-    from training.clip_train import _train_step
-
     register_tiny()
     torch.manual_seed(0)
     model = open_clip.create_model("tiny-clip")
@@ -198,7 +243,7 @@ def test_accum_freq_gives_the_full_batch_gradient():
     for chunk in ([(images, texts)], [(images[:4], texts[:4]), (images[4:], texts[4:])]):
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        _train_step(model, chunk, open_clip.ClipLoss(), opt, scaler, torch.device("cpu"), None, None)
+        train_step(model, chunk, open_clip.ClipLoss(), opt, scaler, torch.device("cpu"), Precision("fp32", "cpu"))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)

@@ -15,7 +15,7 @@ from training.clip_data import read_rgb
 from training.clip_models import register_tiny
 from training.clip_train import train_clip
 from training.embed import embed_manifest
-from training.embed_store import load_embeddings, read_table, store_dir, text_key
+from curation.embed_store import load_embeddings, read_table, store_dir, text_key
 
 MANIFEST = Path("manifests/v1.parquet")
 

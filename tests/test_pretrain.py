@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -24,13 +25,14 @@ import pandas as pd
 import pytest
 import torch
 
+from curation.embed_store import text_key, write_meta, write_table
+from curation.layout import Workdir
 from curation.manifest import write_manifest
-from training.embed_store import text_key, write_meta, write_table
-from training.export import load_into_monai
-from training.pretrain import (
-    PretrainConfig, PretrainError, PretrainWarning, checkpoint_dir, export_latest, param_groups, pretrain,
-    warmup_cosine,
-)
+from training.align_model import build_model
+from training.errors import TrainingError
+from training.export import export_latest, load_into_monai
+from training.optim import param_groups, warmup_cosine
+from training.pretrain import PretrainConfig, pretrain
 from training.pretrain_data import ResumableSampler, VolumeSliceDataset, captioned_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +76,8 @@ def make_workdir(root: Path, nan_volume: str | None = None) -> Path:
                 if vid == nan_volume:
                     txt = np.full(DIM, np.nan)
                 rows.append(dict(slice_id=sid, volume_id=vid, case_id=f"case{v}", plane=plane, plane_index=p,
-                                 index=idx, image_sha256=hashlib.sha256(sid.encode()).hexdigest(),
+                                 index=idx, image_path=Workdir.png_relpath(vid, plane, idx, G),
+                                 image_sha256=hashlib.sha256(sid.encode()).hexdigest(),
                                  caption=caption, refused=refused, split=split,
                                  volume_path=f"volumes/{vid}/volume.npy", grid_size=G))
                 image_emb.append(img / np.linalg.norm(img))
@@ -100,8 +103,12 @@ def _cfg(workdir: Path, **kw) -> PretrainConfig:
     return PretrainConfig(**{**base, **kw})
 
 
+def _ckdir(workdir: Path) -> Path:
+    return Workdir(workdir).pretrain_checkpoints
+
+
 def _metrics(workdir: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (checkpoint_dir(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(ln) for ln in (_ckdir(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def _copy_inputs(src: Path, dst: Path) -> Path:
@@ -135,11 +142,12 @@ def test_dataset_sampling_is_deterministic(workdir):
 
 
 def test_schedule_and_weight_decay_groups():
-    fn = warmup_cosine(4, 20)
+    def fn(step):
+        return warmup_cosine(step, 4, 20)
+
     assert fn(0) == pytest.approx(0.25) and fn(3) == pytest.approx(1.0)
     assert fn(12) == pytest.approx(0.5) and fn(20) == pytest.approx(0.0)
     from training.losses import AlignmentLoss
-    from training.pretrain import build_model
 
     model = build_model(_cfg(Path("."), encoder="vit", encoder_kwargs=TINY_VIT), grid=G, clip_dim=DIM)
     loss = AlignmentLoss()
@@ -167,15 +175,15 @@ def test_learns_retrieves_and_exports_without_clip(workdir, tmp_path, monkeypatc
     assert result.step == 40 and len(losses) == 40
     assert np.mean(losses[-10:]) < 0.4 * np.mean(losses[:5]), losses
     r = result.retrieval
-    assert r["queries"] == 4 * 6 and r["text_candidates"] == 24
-    assert r["text_recall@1"] > 2 * r["text_chance@1"], r
-    assert r["text_recall@5"] > r["text_chance@5"] + 0.2, r
+    assert r["n_queries"] == 4 * 6 and r["n_texts"] == 24 and r["n_volumes"] == 4
+    assert r["v2t_R@1"] > 2 * r["v2t_chance@1"], r
+    assert r["v2t_R@5"] > r["v2t_chance@5"] + 0.2, r
     rows = _metrics(wd)
     train_rows = [m for m in rows if "loss" in m]
     assert [m["step"] for m in train_rows] == list(range(1, 41))
     assert {"loss", "image_loss", "text_loss", "lr", "logit_scale", "step_time", "samples_per_s"} <= train_rows[0].keys()
-    assert any("val/text_recall@1" in m for m in rows)
-    ckdir = checkpoint_dir(wd)
+    assert any("val/v2t_R@1" in m and "val/v2i_R@1" in m for m in rows)
+    ckdir = _ckdir(wd)
     assert (ckdir / "step_20.pt").exists() and (ckdir / "step_40.pt").exists()
     assert os.path.samefile(ckdir / "latest.pt", ckdir / "step_40.pt")
 
@@ -185,7 +193,7 @@ def test_learns_retrieves_and_exports_without_clip(workdir, tmp_path, monkeypatc
     torch.testing.assert_close(net.state_dict()["conv1.weight"], ckpt["model"]["encoder.resnet.conv1.weight"])
 
 
-def test_resume_continues_like_uninterrupted_run(workdir, tmp_path):
+def test_resume_continues_like_uninterrupted_run(workdir, tmp_path, caplog):
     kw = dict(steps=7, batch_size=2, img_size=16)  # 4 steps per epoch: resume lands mid-epoch 0
     # DataLoader workers must not change what is sampled.
     full = pretrain(_cfg(_copy_inputs(workdir, tmp_path / "full"), workers=2, **kw))
@@ -198,17 +206,46 @@ def test_resume_continues_like_uninterrupted_run(workdir, tmp_path):
     np.testing.assert_allclose(second.losses, full.losses[3:], rtol=1e-5, atol=1e-5)
     assert [m["step"] for m in _metrics(wd) if "loss" in m] == list(range(1, 8))
 
-    # Hyperparameter changes warn; another encoder shape is refused.
+    # Hyperparameter changes warn; the head's shape is the checkpoint's; another encoder is refused.
     kw["resume"] = "latest"
-    with pytest.warns(PretrainWarning, match="lr changed"):
-        again = pretrain(_cfg(wd, lr=5e-4, **kw))
+    caplog.set_level(logging.WARNING, logger="training")
+    again = pretrain(_cfg(wd, lr=5e-4, **kw))
     assert again.start_step == again.step == 7
-    with pytest.warns(PretrainWarning, match="num_queries"):
-        pretrain(_cfg(wd, num_queries=4, **kw))
-    with pytest.raises(PretrainError, match="block_inplanes"):
+    assert "resume: lr changed from 0.001 to 0.0005" in caplog.text
+    caplog.clear()
+    pretrain(_cfg(wd, num_queries=4, **kw))
+    assert "num_queries=4 differs from the checkpoint's 8; using the checkpoint's" in caplog.text
+    with pytest.raises(TrainingError, match="block_inplanes"):
         pretrain(_cfg(wd, **{**kw, "encoder_kwargs": {**TINY_CNN, "block_inplanes": (4, 8, 8, 32)}}))
-    with pytest.raises(PretrainError, match="'vit'"):
+    with pytest.raises(TrainingError, match="'vit'"):
         pretrain(_cfg(wd, encoder="vit", encoder_kwargs=TINY_VIT, **kw))
+
+
+def test_unreadable_latest_falls_back_to_newest_readable_step(workdir, tmp_path, caplog):
+    wd = _copy_inputs(workdir, tmp_path / "corrupt")
+    cfg = _cfg(wd, steps=6, batch_size=2, img_size=16, ckpt_every=2)
+    assert pretrain(replace(cfg, stop_after=4)).step == 4
+    ckdir = _ckdir(wd)
+    # latest.pt is a hard link to step_4.pt: replace it by a truncated copy, and truncate step_4 too.
+    data = (ckdir / "latest.pt").read_bytes()
+    (ckdir / "latest.pt").unlink()
+    (ckdir / "latest.pt").write_bytes(data[: len(data) // 2])
+    (ckdir / "step_4.pt").write_bytes(data[:100])
+    caplog.set_level(logging.INFO, logger="training")
+    result = pretrain(replace(cfg, resume="latest"))
+    assert result.start_step == 2 and result.step == 6
+    lines = [r.getMessage() for r in caplog.records if "latest.pt" in r.getMessage()]
+    assert len(lines) == 1 and "unreadable checkpoint" in lines[0], caplog.text
+    assert "resuming from step_2.pt instead (step_4.pt unreadable too)" in lines[0]
+    assert [m["step"] for m in _metrics(wd) if "loss" in m] == list(range(1, 7))
+    assert torch.load(ckdir / "latest.pt", weights_only=True)["step"] == 6  # a readable latest again
+
+    for name in ("latest.pt", "step_6.pt", "step_4.pt", "step_2.pt"):
+        (ckdir / name).write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainingError, match="latest.pt: unreadable checkpoint .* no readable step_N.pt"):
+        pretrain(replace(cfg, resume="latest"))
+    with pytest.raises(TrainingError, match="no such checkpoint"):
+        pretrain(replace(cfg, resume=str(ckdir / "step_99.pt")))
 
 
 def test_nan_guard_names_the_step(tmp_path):
@@ -220,23 +257,24 @@ def test_nan_guard_names_the_step(tmp_path):
     sampler.set_epoch(0)
     position = [i for i, _ in sampler].index(data.volume_ids.index("vol05"))
     expected = position // cfg.batch_size + 1
-    with pytest.raises(PretrainError, match=f"at step {expected}:") as err:
+    with pytest.raises(TrainingError, match=f"at step {expected}:") as err:
         pretrain(cfg)
     assert err.value.step == expected
     assert "CLIP text embeddings" in str(err.value) and "vol05:" in str(err.value)
 
 
-def test_ablation_switches(workdir, tmp_path):
+def test_ablation_switches(workdir, tmp_path, caplog):
     wd = _copy_inputs(workdir, tmp_path / "nopsat")
-    with pytest.warns(PretrainWarning, match="amp needs CUDA"):
-        res = pretrain(_cfg(wd, steps=3, use_psat=False, img_size=16, encoder="vit", encoder_kwargs=TINY_VIT,
-                            precision="amp"))
-    ckpt = torch.load(checkpoint_dir(wd) / "latest.pt", weights_only=True)
+    caplog.set_level(logging.WARNING, logger="training")
+    res = pretrain(_cfg(wd, steps=3, use_psat=False, img_size=16, encoder="vit", encoder_kwargs=TINY_VIT,
+                        precision="amp"))
+    assert "--precision amp needs CUDA; training in fp32 on CPU" in caplog.messages
+    ckpt = torch.load(_ckdir(wd) / "latest.pt", weights_only=True)
     assert res.step == 3 and ckpt["head"] == "linear" and ckpt["encoder_config"]["img_size"] == 16
     assert np.isfinite(res.losses).all()
     wd = _copy_inputs(workdir, tmp_path / "nopspe")
     res = pretrain(_cfg(wd, steps=3, use_pspe=False, img_size=16, precision="bf16", batch_size=2, accum_freq=2))
-    ckpt = torch.load(checkpoint_dir(wd) / "latest.pt", weights_only=True)
+    ckpt = torch.load(_ckdir(wd) / "latest.pt", weights_only=True)
     assert ckpt["head"] == "psat" and not any("pspe" in k for k in ckpt["model"])
     assert np.isfinite(res.losses).all()
 
@@ -259,7 +297,7 @@ def test_kill_9_then_resume_latest(workdir, tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "pretrain_driver.py"), "--config", str(conf),
                              "--step-sleep", "0.2"],
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    latest = checkpoint_dir(wd) / "latest.pt"
+    latest = _ckdir(wd) / "latest.pt"
     deadline = time.time() + 90
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -295,6 +333,6 @@ def test_torchrun_two_ranks_matches_one_process(workdir, tmp_path):
     result = json.loads(out.read_text())
     assert result["world_size"] == 2 and result["step"] == steps
     np.testing.assert_allclose(result["losses"], single.losses, rtol=1e-4, atol=1e-5)
-    ckpt = torch.load(checkpoint_dir(wd) / "latest.pt", weights_only=True)
+    ckpt = torch.load(_ckdir(wd) / "latest.pt", weights_only=True)
     assert ckpt["step"] == steps and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert not any(k.startswith("module.") for k in ckpt["model"])

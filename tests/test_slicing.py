@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import pickle
 from pathlib import Path
 
 import nibabel as nib
@@ -12,10 +13,13 @@ import pandas as pd
 import pytest
 
 from conftest import phantom_ras, ras_affine, reorient, save_nifti, write_msd_task
+from curation.datasets import discover
+from curation.executor import Executor, LocalExecutor
 from curation.manifest import read_manifest, read_metadata
 from curation.preprocess import PreprocessConfig
 from curation.render import render_png, render_slices
-from curation.slicing import SliceConfig, load_display, merge_shards, run_slice
+from curation.slicing import SliceConfig, SliceStep, merge_shards, run_slice
+from curation.volume_store import load_display
 
 G = 32
 
@@ -176,7 +180,7 @@ def test_missing_label_file_is_an_error_row(tmp_path: Path, phantom):
 def test_cli_exit_codes(tmp_path: Path, phantom):
     from typer.testing import CliRunner
 
-    from curation.cli import app
+    from cli.curate import app
 
     data, _ = phantom
     root = tmp_path / "data"
@@ -262,6 +266,56 @@ def test_workers_match_serial(tmp_path: Path):
     run_slice("msd", task, cfg_for(tmp_path / "s"), log=quiet)
     run_slice("msd", task, cfg_for(tmp_path / "p", workers=2), log=quiet)
     assert _tree_digest(tmp_path / "s") == _tree_digest(tmp_path / "p")
+
+
+class _ShippingExecutor(Executor):
+    """Another executor for the same step: items last-first, the step and each item shipped
+    through pickle (as to a Ray task or an array job), results back through pickle."""
+
+    def imap(self, step, items):
+        shipped = pickle.loads(pickle.dumps(step))
+        for item in reversed(items):
+            yield item, pickle.loads(pickle.dumps(shipped(pickle.loads(pickle.dumps(item)))))
+
+
+class _CrashFirstExecutor(Executor):
+    """In process, but the first item's "worker" dies."""
+
+    def imap(self, step, items):
+        for k, item in enumerate(items):
+            yield item, (RuntimeError("boom") if k == 0 else step(item))
+
+
+def test_another_executor_runs_the_same_step_to_the_same_outputs(tmp_path: Path):
+    _make_cases(tmp_path / "d", n=3)
+    task = tmp_path / "d" / "Task03_Many"
+    local = run_slice("msd", task, cfg_for(tmp_path / "local"), log=quiet, executor=LocalExecutor(1))
+    progress: list[tuple[int, int]] = []
+    other = run_slice("msd", task, cfg_for(tmp_path / "other"), log=quiet, executor=_ShippingExecutor(),
+                      on_progress=lambda done, total, name: progress.append((done, total)))
+    assert local.processed == other.processed == 3 and progress == [(1, 3), (2, 3), (3, 3)]
+    assert _tree_digest(tmp_path / "local") == _tree_digest(tmp_path / "other")
+    for name in ("volumes.parquet", "slices.parquet"):
+        pd.testing.assert_frame_equal(read_manifest(tmp_path / "local/manifests" / name),
+                                      read_manifest(tmp_path / "other/manifests" / name))
+    # the step's resume check sees what the other executor wrote
+    step = SliceStep(cfg_for(tmp_path / "other"))
+    specs, _ = discover("msd", task)
+    assert all(step.done(spec) for spec in specs)
+
+
+def test_a_crashed_worker_is_an_error_row_and_the_run_goes_on(tmp_path: Path):
+    _make_cases(tmp_path / "d", n=3)
+    task = tmp_path / "d" / "Task03_Many"
+    lines: list[str] = []
+    s = run_slice("msd", task, cfg_for(tmp_path / "w"), log=lines.append, executor=_CrashFirstExecutor())
+    assert (s.processed, s.errors) == (2, 1)
+    assert s.error_lines[0].endswith("worker failed (RuntimeError: boom)")
+    assert lines == [f"error: {s.error_lines[0]}"]
+    vols = read_manifest(tmp_path / "w/manifests/volumes.parquet")
+    assert sorted(vols["status"]) == ["error", "ok", "ok"]
+    again = run_slice("msd", task, cfg_for(tmp_path / "w"), log=quiet)  # the crashed one is redone
+    assert (again.skipped, again.processed, again.errors) == (2, 1, 0)
 
 
 def test_4d_multichannel_gives_one_volume_per_channel(tmp_path: Path, phantom):
@@ -366,7 +420,7 @@ def test_sample_data_end_to_end_through_the_cli(tmp_path: Path):
     """Real package-shipped volumes (nilearn MNI152 + masks, nibabel, pydicom) through the CLI."""
     from typer.testing import CliRunner
 
-    from curation.cli import app
+    from cli.curate import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["sample-data", "--out", str(tmp_path / "data")])

@@ -10,10 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import phantom_ras, ras_affine, write_msd_task
-from curation.cli import app as curate
+from cli.curate import app as curate
 from curation.preprocess import PreprocessConfig
 from curation.slicing import SliceConfig, run_slice
-from training.cli import app as train
+from cli.train import app as train
 from training.export import load_into_monai
 
 TINY = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny-clip.json")
@@ -56,5 +56,16 @@ def test_train_stages_through_the_cli(tmp_path: Path, monkeypatch):
         # missing inputs give one clear line and exit 2
         res = runner.invoke(train, ["embed", "--workdir", str(tmp_path / "nowhere")])
         assert res.exit_code == 2 and "train clip" in res.output
+        res = runner.invoke(train, ["export", "--workdir", str(tmp_path / "nowhere")])
+        assert res.exit_code == 2 and "run `train pretrain` first" in res.output
+        # a TrainingError from inside the trainer: one line, exit 2; resume notices as warning lines
+        res = runner.invoke(train, ["pretrain", "--workdir", str(w), "--encoder", "cnn", "--encoder-arg", "bogus=1",
+                                    "--workers", "0"])
+        assert res.exit_code == 2 and "error: --encoder cnn:" in res.output and "bogus" in res.output, res.output
+        res = runner.invoke(train, ["pretrain", "--workdir", str(w), "--encoder", "cnn",
+                                    "--encoder-arg", "block_inplanes=[8,16,32,64]", "--steps", "3", "--batch-size", "2",
+                                    "--warmup", "1", "--workers", "0", "--precision", "fp32", "--resume", "latest"])
+        assert res.exit_code == 0, res.output
+        assert "warning: resume: num_queries=300 differs from the checkpoint's 4; using the checkpoint's" in res.output
     finally:
         torch.set_num_threads(threads)

@@ -10,14 +10,8 @@ import pandas as pd
 import pytest
 
 from curation.rank_eval import evaluate, format_table
-from curation.vote import (
-    builtin_features,
-    global_selection_order,
-    knn_cosine,
-    rank_pools,
-    reduce_features,
-    vote_k,
-)
+from curation.features import builtin_features, reduce_features
+from curation.vote import global_selection_order, knn_cosine, rank_pools, vote_k
 
 PLANES = ("axial", "coronal", "sagittal")
 

@@ -17,15 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from curation.manifest import read_manifest
-
-
-def resolve_manifest(workdir: str | os.PathLike, manifest: str | os.PathLike) -> Path:
-    """``manifest`` as given if it exists (absolute or relative to the cwd), else under the workdir."""
-    path = Path(manifest)
-    if path.is_absolute() or path.exists():
-        return path
-    return Path(workdir) / path
+from curation.manifest import read_manifest, resolve_manifest, usable_caption_rows
 
 
 def read_pairs(workdir: str | os.PathLike, manifest: str | os.PathLike, split: str | None = None) -> pd.DataFrame:
@@ -38,10 +30,7 @@ def read_pairs(workdir: str | os.PathLike, manifest: str | os.PathLike, split: s
     missing = {"image_path", "image_sha256", "caption", "split"} - set(df.columns)
     if missing:
         raise ValueError(f"{manifest}: manifest lacks columns {sorted(missing)} (a release manifest is needed)")
-    keep = df["caption"].notna() & df["image_path"].notna()
-    if "refused" in df.columns:
-        keep &= ~df["refused"].fillna(False).astype(bool)
-    keep &= df["caption"].fillna("").str.strip().str.len() > 0
+    keep = usable_caption_rows(df)
     if split is not None:
         keep &= df["split"] == split
     return df[keep].reset_index(drop=True)

@@ -21,7 +21,8 @@ import open_clip
 import torch
 from torch import nn
 
-from curation.fsutil import atomic_path
+from curation.fsutil import atomic_write_text
+from training.distributed import unwrap
 
 HF_HUB_PREFIX = "hf-hub:"
 TINY_CONFIG = Path(__file__).parent / "configs" / "tiny-clip.json"
@@ -105,12 +106,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
 def checkpoint_dict(model: nn.Module, name: str, model_cfg: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """The portable checkpoint: ``state_dict`` (CPU tensors) plus plain metadata."""
     model = unwrap(model)
@@ -127,14 +122,6 @@ def checkpoint_dict(model: nn.Module, name: str, model_cfg: dict[str, Any], **ex
     }
 
 
-def save_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> Path:
-    """torch.save to a temp file then rename, so a crash never leaves a half-written checkpoint."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
-    return path
-
-
 def write_config_sidecar(model_name: str, model_cfg: dict[str, Any], out_dir: str | os.PathLike) -> Path | None:
     """Write ``<name>.json`` next to the checkpoints when open_clip would not know the name.
 
@@ -145,8 +132,7 @@ def write_config_sidecar(model_name: str, model_cfg: dict[str, Any], out_dir: st
     if builtin.is_file():
         return None
     path = Path(out_dir) / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_plain(model_cfg), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(_plain(model_cfg), indent=2) + "\n")
     return path
 
 

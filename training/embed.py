@@ -7,7 +7,7 @@ changed slices and captions; a different checkpoint is a new fingerprint and sta
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -20,10 +20,16 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from curation.manifest import read_manifest
-from training.clip_data import ImageFiles, resolve_manifest
+from curation.embed_store import store_dir, text_key, write_meta, write_table
+from curation.layout import Workdir
+from curation.manifest import read_manifest, resolve_manifest, usable_caption_rows
+from training.clip_data import ImageFiles
 from training.clip_models import load_clip
-from training.embed_store import store_dir, text_key, write_meta, write_table
+from training.distributed import resolve_device
+from training.errors import input_errors
+from training.precision import resolve_precision
+
+log = logging.getLogger(__name__)
 
 FLUSH_ROWS = 16384  # rows per store write: bounds lost work on a crash, keeps rewrites rare
 
@@ -52,14 +58,6 @@ class EmbedSummary:
 def _stored_keys(workdir: Path, fingerprint: str, kind: str) -> set[str]:
     path = store_dir(workdir, fingerprint) / f"{kind}.parquet"
     return set(pq.read_table(path, columns=["key"]).column("key").to_pylist()) if path.exists() else set()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _progress() -> Progress:
@@ -97,7 +95,6 @@ def embed_manifest(
     device: str | None = None,
     model: str | None = None,
     workers: int = 0,
-    log: Callable[[str], None] = print,
 ) -> EmbedSummary:
     """Embed the manifest's slice images and captions with a (frozen) CLIP into the store.
 
@@ -110,49 +107,47 @@ def embed_manifest(
         device: "cuda", "cpu", ...; None picks CUDA when available.
         model: open_clip model name / config JSON, overriding the checkpoint's.
         workers: DataLoader workers decoding PNGs.
-        log: where to print one-line messages.
 
     Returns:
-        counts of computed and reused embeddings, the fingerprint and the time taken.
+        counts of computed and reused embeddings, the fingerprint and the time taken. Bad input
+        (manifest, checkpoint) is a TrainingError.
     """
     t0 = time.time()
     workdir = Path(workdir)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    df = read_manifest(resolve_manifest(workdir, manifest))
+    dev = resolve_device(device)
+    with input_errors():
+        df = read_manifest(resolve_manifest(workdir, manifest))
+        missing = {"image_path", "image_sha256", "caption"} - set(df.columns)
+        if missing:
+            raise ValueError(f"{manifest}: manifest lacks columns {sorted(missing)} (a release manifest is needed)")
+        clip = load_clip(clip_checkpoint, model=model, device=dev)
+    images: dict[str, str] = {}  # image key -> path; every rendered slice (curate rank --features clip)
+    for path, sha in zip(df["image_path"], df["image_sha256"]):
+        if isinstance(path, str) and path and isinstance(sha, str) and sha:
+            images.setdefault(sha, str(workdir / path))
+    texts: dict[str, str] = {}  # text key -> caption; usable captions only
+    for caption in df.loc[usable_caption_rows(df), "caption"]:
+        texts.setdefault(text_key(str(caption)), str(caption))
 
-    images: dict[str, str] = {}  # image key -> path
-    for path, sha in zip(df["image_path"], df.get("image_sha256", [None] * len(df))):
-        if isinstance(path, str) and path:
-            key = sha if isinstance(sha, str) and sha else _file_sha256(workdir / path)
-            images.setdefault(key, str(workdir / path))
-    texts: dict[str, str] = {}  # text key -> caption
-    if "caption" in df.columns:
-        keep = df["caption"].notna()
-        if "refused" in df.columns:
-            keep &= ~df["refused"].fillna(False).astype(bool)
-        for caption in df.loc[keep, "caption"]:
-            if str(caption).strip():
-                texts.setdefault(text_key(str(caption)), str(caption))
-
-    clip = load_clip(clip_checkpoint, model=model, device=dev)
     fp = clip.fingerprint
+    store = Workdir(workdir).rel(Workdir(workdir).embedding_store(fp))
     net = clip.model.eval()
-    amp = dict(device_type=dev.type, dtype=torch.float16, enabled=dev.type == "cuda")
+    precision = resolve_precision(None, dev)  # fp16 autocast on CUDA, fp32 elsewhere
     have_img, have_txt = _stored_keys(workdir, fp, "image"), _stored_keys(workdir, fp, "text")
     todo_img = sorted(k for k in images if k not in have_img)
     todo_txt = sorted(k for k in texts if k not in have_txt)
-    log(f"embeddings/{fp} ({clip.name}): {len(todo_img)}/{len(images)} images and "
-        f"{len(todo_txt)}/{len(texts)} captions to embed")
+    log.info("%s (%s): %d/%d images and %d/%d captions to embed", store, clip.name, len(todo_img), len(images),
+             len(todo_txt), len(texts))
 
     @torch.no_grad()
     def embed_images(pixels: torch.Tensor) -> np.ndarray:
-        with torch.autocast(**amp):
+        with precision.autocast():
             emb = net.encode_image(pixels.to(dev, non_blocking=True), normalize=True)
         return emb.float().cpu().numpy()
 
     @torch.no_grad()
     def embed_texts(batch: list[str]) -> np.ndarray:
-        with torch.autocast(**amp):
+        with precision.autocast():
             emb = net.encode_text(clip.tokenizer(batch).to(dev), normalize=True)
         return emb.float().cpu().numpy()
 
@@ -173,5 +168,5 @@ def embed_manifest(
         texts_computed=len(todo_txt), texts_reused=len(texts) - len(todo_txt),
         seconds=time.time() - t0,
     )
-    log(f"embedded {summary.computed} (reused {summary.reused}) in {summary.seconds:.1f}s -> embeddings/{fp}")
+    log.info("embedded %d (reused %d) in %.1fs -> %s", summary.computed, summary.reused, summary.seconds, store)
     return summary

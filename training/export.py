@@ -1,4 +1,4 @@
-"""Export the pretrained 3D encoder as a plain MONAI state dict plus a JSON that says how to load it."""
+"""`train export`: the pretrained 3D encoder as a plain MONAI state dict plus a JSON that says how to load it."""
 
 from __future__ import annotations
 
@@ -13,20 +13,15 @@ import monai
 import torch
 from torch import nn
 
-from curation.fsutil import atomic_path, atomic_write_text
+from curation.fsutil import atomic_write_text
+from curation.layout import Workdir
+from training.align_model import CKPT_FORMAT, encoder_from_checkpoint
+from training.checkpoint import LATEST, load, save
+from training.distributed import unwrap
 from training.encoders import Encoder3D
+from training.errors import TrainingError
 
 FORMAT = "med3dinsight-encoder/1"
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    # DDP keeps the model in .module, torch.compile in ._orig_mod.
-    while not isinstance(module, Encoder3D):
-        inner = next((getattr(module, a) for a in ("module", "_orig_mod") if hasattr(module, a)), None)
-        if not isinstance(inner, nn.Module):
-            break
-        module = inner
-    return module
 
 
 def _snippet(target: dict[str, Any], weights_name: str) -> str:
@@ -64,7 +59,7 @@ def export_encoder(
     Returns:
         (weights_path, json_path). The weights load with ``torch.load(weights_only=True)``.
     """
-    encoder = _unwrap(model_encoder)
+    encoder = unwrap(model_encoder)
     if not isinstance(encoder, Encoder3D):
         raise TypeError(f"expected an Encoder3D, got {type(encoder).__name__}")
     out = Path(out_dir)
@@ -73,8 +68,7 @@ def export_encoder(
     json_path = out / f"{name}_encoder.json"
 
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.monai_module.state_dict().items()}
-    with atomic_path(weights_path) as tmp:
-        torch.save(state, tmp)
+    save(state, weights_path)
 
     target = encoder.monai_target()
     config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
@@ -113,3 +107,24 @@ def load_into_monai(json_path: str | os.PathLike) -> nn.Module:
     target = getattr(net, meta["attribute"]) if meta["attribute"] else net
     target.load_state_dict(state, strict=True)
     return net
+
+
+def export_latest(workdir: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+                  out_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """Export the encoder of a pretraining checkpoint (see ``export_encoder``).
+
+    Args:
+        workdir: the workdir.
+        checkpoint: default: the latest pretraining checkpoint of the workdir.
+        out_dir: default: the workdir's exports folder.
+
+    Returns:
+        (weights_path, json_path); TrainingError when the checkpoint is missing or not one of ours.
+    """
+    wd = Workdir(workdir)
+    path = Path(checkpoint) if checkpoint else wd.pretrain_checkpoints / LATEST
+    if not path.exists():
+        raise TrainingError(f"{path}: no pretraining checkpoint (run `train pretrain` first)")
+    ckpt = load(path, CKPT_FORMAT)
+    encoder, cfg = encoder_from_checkpoint(ckpt)
+    return export_encoder(encoder, ckpt["encoder"], cfg, out_dir or wd.exports)

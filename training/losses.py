@@ -9,13 +9,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from training.distributed import rank_and_world
+
 MAX_LOGIT_SCALE = 100.0
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -42,7 +38,7 @@ def gather_batch(x: torch.Tensor) -> torch.Tensor:
     processes reproduce one process on the global batch. Needs equal per-rank batch sizes
     (use drop_last with the DistributedSampler). No-op outside torch.distributed.
     """
-    rank, world = _world()
+    rank, world = rank_and_world()
     if world == 1:
         return x
     chunks = [torch.empty_like(x) for _ in range(world)]

@@ -18,21 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, DistributedSampler
 
-from curation.manifest import read_manifest
+from curation.embed_store import load_embeddings
+from curation.manifest import read_manifest, usable_caption_rows
+from training.errors import input_errors
 
-REQUIRED_COLUMNS = ("slice_id", "volume_id", "plane_index", "index", "image_sha256", "caption",
+REQUIRED_COLUMNS = ("slice_id", "volume_id", "plane_index", "index", "image_path", "image_sha256", "caption",
                     "split", "volume_path", "grid_size")
-
-
-def resolve_manifest(workdir: str | Path, manifest: str | Path) -> Path:
-    """``manifest`` as given if it exists, else under the workdir, else ``manifests/<name>.parquet``."""
-    workdir = Path(workdir)
-    candidates = [Path(manifest), workdir / manifest, workdir / "manifests" / manifest,
-                  workdir / "manifests" / f"{manifest}.parquet"]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"manifest {manifest!s} not found (looked in {workdir / 'manifests'})")
 
 
 def captioned_rows(manifest_path: str | Path, split: str) -> pd.DataFrame:
@@ -41,9 +32,7 @@ def captioned_rows(manifest_path: str | Path, split: str) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{manifest_path}: not a release manifest (missing columns {missing})")
-    keep = (df["split"] == split) & df["caption"].notna()
-    if "refused" in df.columns:
-        keep &= ~df["refused"].fillna(False).astype(bool)
+    keep = (df["split"] == split) & usable_caption_rows(df)
     rows = df[keep].sort_values(["volume_id", "slice_id"], kind="stable").reset_index(drop=True)
     return rows
 
@@ -63,6 +52,18 @@ def load_volume(workdir: str | Path, volume_path: str, size: int | None = None) 
     if size is not None and size != vol.shape[-1]:
         vol = F.interpolate(vol.unsqueeze(0), size=(size,) * 3, mode="trilinear", align_corners=False)[0]
     return vol
+
+
+def load_split(workdir: str | Path, manifest: Path, split: str, fingerprint: str | None, seed: int = 0,
+               img_size: int | None = None) -> tuple[VolumeSliceDataset, str] | None:
+    """The dataset of ``split`` with its cached CLIP embeddings and their fingerprint (None = the
+    latest store); None when the split has no usable rows. TrainingError when embeddings are missing."""
+    rows = captioned_rows(manifest, split)
+    if rows.empty:
+        return None
+    with input_errors(f"{split} split: "):
+        image, text, fp = load_embeddings(workdir, rows, fingerprint)
+    return VolumeSliceDataset(workdir, rows, image, text, seed=seed, img_size=img_size), fp
 
 
 class VolumeSliceDataset(Dataset):

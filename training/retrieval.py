@@ -4,6 +4,11 @@ Slices often share a caption (and blank slices share an image), so pairs are fir
 unique images and unique captions with a positives matrix: an image's hit is any of its
 captions in the top k, a caption's hit is any of its images in the top k. With unique pairs
 this is the usual COCO/Flickr recall.
+
+Metric names, the one scheme of both trainers (metrics.jsonl, log lines, `train` summaries):
+``{query}2{target}_R@{k}`` -- ``i2t_R@1`` / ``t2i_R@1`` here, ``v2t_R@1`` / ``v2i_R@1`` for 3D
+volume -> caption / slice image (``volume_retrieval.py``) -- plus ``mean_R@1`` and the counts
+``n_images``, ``n_texts``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The `curate` command line: parses, prints, and calls plain functions."""
+"""The `curate` app: parses, prints, and calls plain functions of `curation` (and `captions`)."""
 
 from __future__ import annotations
 
@@ -8,33 +8,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-app = typer.Typer(
-    help="Curate 3D CT/MRI volumes into slice data: sample-data, slice, merge, rank, caption, query, stats, report.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-console = Console(stderr=True)
-out = Console()
+from .caption import caption_cmd
+from .common import WorkdirOpt, console, fail, new_app, out
+from .common import progress_bar as _progress
 
-WorkdirOpt = typer.Option(Path("."), "--workdir", help="Where manifests/, volumes/, cache/ ... live.")
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[note]}"),
-        console=console,
-        transient=False,
-    )
+app = new_app("Curate 3D CT/MRI volumes into slice data: sample-data, slice, merge, rank, caption, query, stats, report.")
 
 
 def _parse_shard(value: Optional[str]) -> Optional[tuple[int, int]]:
@@ -58,7 +38,7 @@ def sample_data(
     pydicom / pydicom-data. Use the 3dseg8/ folder with `--dataset 3dseg8` and dicom/ with
     `--dataset dicom`.
     """
-    from .sample_data import make_sample_data
+    from curation.sample_data import make_sample_data
 
     roots = make_sample_data(out_dir, resolution=resolution)
     for name, root in roots.items():
@@ -90,8 +70,8 @@ def slice_cmd(
     + manifests/slices.parquet. A rerun skips finished volumes. Bad files get one line each and
     a status=error row; the exit status is non-zero only when nothing succeeded (or --strict).
     """
-    from .preprocess import PreprocessConfig
-    from .slicing import SliceConfig, run_slice
+    from curation.preprocess import PreprocessConfig
+    from curation.slicing import SliceConfig, run_slice
 
     try:
         lo, hi = (float(v) for v in ct_window.split(","))
@@ -118,8 +98,7 @@ def slice_cmd(
         try:
             summary = run_slice(dataset, root, cfg, label_root=label_root, on_progress=on_progress, log=progress.console.print)
         except (FileNotFoundError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2)
+            raise fail(str(exc), 2) from None
     table = Table(title="curate slice", show_header=False)
     table.add_row("processed", str(summary.processed))
     table.add_row("resumed (already done)", str(summary.skipped))
@@ -140,13 +119,12 @@ def slice_cmd(
 @app.command("merge")
 def merge_cmd(workdir: Path = WorkdirOpt) -> None:
     """Combine the shard manifests written by `curate slice --shard i/n` into the main manifests."""
-    from .slicing import merge_shards
+    from curation.slicing import merge_shards
 
     try:
         vp, sp, nv, ns = merge_shards(workdir)
     except FileNotFoundError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        raise fail(str(exc), 2) from None
     out.print(f"merged {nv} volumes -> {vp}\nmerged {ns} slices -> {sp}")
 
 
@@ -168,7 +146,7 @@ def rank_cmd(
     Writes vote_score, vote_rank and selection_order into manifests/slices.parquet; `curate caption
     --budget N` spends its budget in that order. --evaluate also writes reports/rank_eval.json.
     """
-    from .rank import RankConfig, run_rank
+    from curation.rank import RankConfig, run_rank
 
     cfg = RankConfig(workdir=workdir, features=features, k=k, dim=dim, dup_threshold=dup_threshold, seed=seed, evaluate=evaluate_, workers=workers)
     with _progress() as progress:
@@ -182,8 +160,7 @@ def rank_cmd(
         try:
             summary = run_rank(cfg, progress=on_progress)
         except (FileNotFoundError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2)
+            raise fail(str(exc), 2) from None
     table = Table(title="curate rank", show_header=False)
     table.add_row("slices ranked", str(summary.slices))
     table.add_row("pools (volume x plane)", str(summary.pools))
@@ -197,101 +174,7 @@ def rank_cmd(
         out.print(summary.evaluation_table)
 
 
-@app.command("caption")
-def caption_cmd(
-    workdir: Path = WorkdirOpt,
-    provider: Optional[str] = typer.Option(None, "--provider", help="openai | offline (default: openai when OPENAI_API_KEY or --base-url is set, else offline)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Vision model (default gpt-4o; GPT-4V names accepted)."),
-    base_url: Optional[str] = typer.Option(None, "--base-url", help="Any OpenAI-compatible server (vLLM, Ollama, Azure...)."),
-    budget: Optional[int] = typer.Option(None, "--budget", help="At most N new (uncached) requests."),
-    max_usd: Optional[float] = typer.Option(None, "--max-usd", help="Stop before the estimated spend exceeds this."),
-    concurrency: int = typer.Option(8, "--concurrency"),
-    rpm: Optional[float] = typer.Option(None, "--rpm", help="Client-side requests per minute."),
-    tpm: Optional[float] = typer.Option(None, "--tpm", help="Client-side tokens per minute."),
-    mode: str = typer.Option("sync", "--mode", help="sync | batch (Batch API, 50% cheaper, up to 24 h)."),
-    detail: str = typer.Option("low", "--detail", help="low | high image detail."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Counts, tokens and USD; no request is sent."),
-    status: bool = typer.Option(False, "--status", help="Show pending batches and exit."),
-    retry_refused: bool = typer.Option(False, "--retry-refused", help="Re-ask refused slices with the fallback prompt."),
-    all_slices: bool = typer.Option(False, "--all", help="Every slice in slice order instead of the ranked order."),
-    out_path: Optional[Path] = typer.Option(None, "--out", help="Release manifest to write (default manifests/v1.parquet; never overwritten)."),
-    no_wait: bool = typer.Option(False, "--no-wait", help="Batch mode: submit/advance and return instead of polling."),
-    timeout: float = typer.Option(60.0, "--timeout", help="Per-request timeout in seconds."),
-) -> None:
-    """Caption ranked slices with a vision-language model: cached, budgeted, resumable.
-
-    The key comes from OPENAI_API_KEY only. Every answer is committed to cache/captions.sqlite
-    as it arrives, so a rerun (or a run after kill -9) never pays twice for a slice. Writes the
-    release manifest with a subject-wise 7:1:2 split.
-    """
-    import os
-
-    from captions.batch import status as batch_status
-    from captions.client import FatalAPIError
-    from captions.release import CaptionConfig, run_release
-
-    api_key = os.environ.get("OPENAI_API_KEY") or None
-    if status:
-        rows = batch_status(workdir / "cache" / "batches", api_key=api_key, base_url=base_url)
-        if not rows:
-            out.print("no pending batches")
-        for r in rows:
-            out.print(r)
-        return
-    provider = provider or ("openai" if (api_key or base_url) else "offline")
-    cfg = CaptionConfig(
-        workdir=workdir, provider=provider, model=model, base_url=base_url, api_key=api_key, budget=budget,
-        max_usd=max_usd, concurrency=concurrency, rpm=rpm, tpm=tpm, mode=mode, detail=detail, dry_run=dry_run,
-        retry_refused=retry_refused, all_slices=all_slices, out=out_path, timeout=timeout, batch_wait=not no_wait,
-    )
-    with _progress() as progress:
-        tasks: dict[str, int] = {}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=total, note="")
-            progress.update(tasks[stage], completed=done, total=total)
-
-        def on_update(s) -> None:
-            usd = "n/a" if s.usd_actual is None else f"${s.usd_actual:.4f}"
-            note = (f"cached {s.cached} · ok {s.succeeded} · refused {s.refused} · failed {s.failed} · "
-                    f"tokens {s.prompt_tokens}/{s.completion_tokens} · {usd}")
-            if "captioning" in tasks:
-                progress.update(tasks["captioning"], note=note)
-
-        try:
-            result = run_release(cfg, progress=on_progress, on_update=on_update)
-        except (FileNotFoundError, FileExistsError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2)
-        except FatalAPIError as exc:
-            console.print(f"[red]stopped:[/red] {exc}")
-            raise typer.Exit(1)
-    s = result.summary
-    table = Table(title="curate caption" + (" (dry run)" if dry_run else ""), show_header=False)
-    table.add_row("provider / model / mode", f"{s.provider} / {s.model} / {s.mode}")
-    table.add_row("slices considered", str(s.total))
-    table.add_row("cached (free)", str(s.cached))
-    table.add_row("to send / over budget", f"{s.to_send} / {s.over_budget}")
-    if not dry_run:
-        table.add_row("sent / ok / refused / failed", f"{s.sent} / {s.succeeded} / {s.refused} / {s.failed}")
-        table.add_row("tokens in / out (reported)", f"{s.prompt_tokens} / {s.completion_tokens}")
-        table.add_row("USD (reported usage)", "n/a" if s.usd_actual is None else f"{s.usd_actual:.4f}")
-    table.add_row("tokens in / out (estimated)", f"{s.est_prompt_tokens} / {s.est_completion_tokens}")
-    table.add_row("USD (estimated)", "n/a (unpriced model)" if s.usd_estimated is None else f"{s.usd_estimated:.4f}")
-    if s.pending:
-        table.add_row("pending in batches", str(s.pending))
-    if result.out:
-        table.add_row("release manifest", f"{result.out} ({result.rows} rows, {result.refused} refused)")
-        table.add_row("splits", ", ".join(f"{k} {v}" for k, v in sorted(result.splits.items())))
-    out.print(table)
-    if result.refused and not retry_refused:
-        console.print(f"{result.refused} refused or empty answers are flagged, not used; "
-                      "rerun with --retry-refused to re-ask them with the fallback prompt")
-    for err in s.errors[:10]:
-        console.print(f"error: {err}")
-    if s.stopped:
-        console.print(f"[yellow]stopped early:[/yellow] {s.stopped}")
+app.command("caption")(caption_cmd)
 
 
 @app.command("query")
@@ -304,7 +187,7 @@ def query_cmd(
     """Run SQL (DuckDB) over the Parquet manifests."""
     import duckdb
 
-    from .query import format_frame, run_query
+    from curation.query import format_frame, run_query
 
     try:
         df = run_query(workdir, sql)
@@ -329,20 +212,19 @@ def report_cmd(
 
     Opens from the file system with no server and no network.
     """
-    from .report import build_report
+    from curation.report import build_report
 
     try:
         index = build_report(workdir, size=size, max_volumes=max_volumes)
     except FileNotFoundError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        raise fail(str(exc), 2) from None
     out.print(f"report: {index}")
 
 
 @app.command("stats")
 def stats_cmd(workdir: Path = WorkdirOpt) -> None:
     """Counts per dataset/modality/plane, errors, and disk used."""
-    from .query import format_frame, stats
+    from curation.query import format_frame, stats
 
     result = stats(workdir)
     for name, value in result.items():

@@ -1,4 +1,5 @@
-"""The frozen-CLIP embedding cache: written once by `train embed`, read by `train pretrain`.
+"""The frozen-CLIP embedding store: written once by `train embed`, read by `train pretrain` and
+by `curate rank --features clip` (so it lives on the ground floor, with the other formats).
 
 Layout under ``<workdir>/embeddings/<fingerprint>/`` (fingerprint = sha256 of the CLIP
 checkpoint's weights + model name, first 16 hex)::
@@ -24,7 +25,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.fsutil import atomic_path, atomic_write_text
+from .fsutil import atomic_path, atomic_write_text
+from .layout import Workdir
 
 
 def text_key(text: str) -> str:
@@ -32,7 +34,7 @@ def text_key(text: str) -> str:
 
 
 def store_dir(workdir: str | Path, fingerprint: str) -> Path:
-    return Path(workdir) / "embeddings" / fingerprint
+    return Workdir(workdir).embedding_store(fingerprint)
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
@@ -79,11 +81,11 @@ def write_meta(workdir: str | Path, fingerprint: str, model: str, checkpoint: st
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     _atomic_json(store_dir(workdir, fingerprint) / "meta.json", meta)
-    _atomic_json(Path(workdir) / "embeddings" / "latest.json", {"fingerprint": fingerprint})
+    _atomic_json(Workdir(workdir).embeddings_latest, {"fingerprint": fingerprint})
 
 
 def latest_fingerprint(workdir: str | Path) -> str:
-    path = Path(workdir) / "embeddings" / "latest.json"
+    path = Workdir(workdir).embeddings_latest
     if not path.exists():
         raise FileNotFoundError(f"{path}: no embeddings yet (run `train embed` first)")
     return json.loads(path.read_text())["fingerprint"]

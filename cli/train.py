@@ -1,34 +1,59 @@
-"""The `train` command line: parses, prints, and calls plain functions."""
+"""The `train` app: parses, prints, and calls plain functions of `training`."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-app = typer.Typer(
-    help="Train on curated slice-caption data: clip, embed, pretrain, export.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-console = Console(stderr=True)
-out = Console()
+from curation.layout import Workdir
+from curation.manifest import resolve_manifest
+from training.errors import TrainingError
 
-WorkdirOpt = typer.Option(Path("."), "--workdir", help="Where manifests/, checkpoints/, embeddings/ ... live.")
-ManifestOpt = typer.Option(Path("manifests/v1.parquet"), "--manifest", help="Release manifest (relative to --workdir or absolute).")
+from .common import WorkdirOpt, console, fail, new_app, out
+
+app = new_app("Train on curated slice-caption data: clip, embed, pretrain, export.")
+
+ManifestOpt = typer.Option(Path("manifests/v1.parquet"), "--manifest", help="Release manifest (path, or name under manifests/).")
 
 
 def _manifest(workdir: Path, manifest: Path) -> Path:
-    path = manifest if manifest.is_absolute() or manifest.exists() else workdir / manifest
-    if not path.exists():
-        console.print(f"[red]error:[/red] {path}: no such manifest (run `curate caption` first)")
-        raise typer.Exit(2)
-    return path
+    try:
+        return resolve_manifest(workdir, manifest)
+    except FileNotFoundError as exc:
+        raise fail(str(exc)) from None
+
+
+class _ConsoleHandler(logging.Handler):
+    """The training loggers' lines on the console: info as is, warnings as ``warning: ...``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = escape(record.getMessage())
+        # soft_wrap: one log line stays one line (greppable), however narrow the terminal.
+        console.print(f"[yellow]warning:[/yellow] {text}" if record.levelno >= logging.WARNING else text,
+                      highlight=False, soft_wrap=True)
+
+
+def _show_training_log() -> Callable[[], None]:
+    """Route the training loggers to the console for one command; returns the undo."""
+    logger = logging.getLogger("training")
+    before = logger.level, logger.propagate
+    handler = _ConsoleHandler()
+    logger.addHandler(handler)
+    # Not to the root logger too: a library's logging.warning() may have given it a stderr handler.
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+    def undo() -> None:
+        logger.removeHandler(handler)
+        logger.level, logger.propagate = before
+
+    return undo
 
 
 def _metrics_line(metrics: dict | None) -> str:
@@ -69,7 +94,7 @@ def clip_cmd(
     Writes checkpoints/clip/{epoch_N,latest,final}.pt; final.pt loads with
     open_clip.create_model_and_transforms(NAME, pretrained="checkpoints/clip/final.pt").
     """
-    from .clip_train import ClipTrainConfig, train_clip
+    from training.clip_train import ClipTrainConfig, train_clip
 
     cfg = ClipTrainConfig(
         workdir=workdir, manifest=_manifest(workdir, manifest), model=model, pretrained=pretrained, epochs=epochs,
@@ -78,10 +103,9 @@ def clip_cmd(
         max_steps=max_steps, grad_clip_norm=grad_clip_norm,
     )
     try:
-        res = train_clip(cfg, log=console.print)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        res = train_clip(cfg)
+    except TrainingError as exc:
+        raise fail(str(exc), 2) from None
     table = Table(title="train clip", show_header=False)
     table.add_row("model", res.model)
     table.add_row("steps", f"{res.step} / {res.total_steps}" + ("" if res.completed else " (stopped early; --resume latest)"))
@@ -97,7 +121,7 @@ def clip_cmd(
 def embed_cmd(
     workdir: Path = WorkdirOpt,
     manifest: Path = ManifestOpt,
-    clip: Path = typer.Option(Path("checkpoints/clip/final.pt"), "--clip", help="CLIP checkpoint from `train clip`."),
+    clip: Optional[Path] = typer.Option(None, "--clip", help="CLIP checkpoint from `train clip` (default: checkpoints/clip/final.pt)."),
     batch_size: int = typer.Option(64, "--batch-size"),
     device: Optional[str] = typer.Option(None, "--device"),
     model: Optional[str] = typer.Option(None, "--model", help="Model name/config when the checkpoint does not say."),
@@ -107,25 +131,26 @@ def embed_cmd(
 
     Stored float16, L2-normalised, under embeddings/<fingerprint>/ (image.parquet, text.parquet).
     """
-    from .embed import embed_manifest
+    from training.embed import embed_manifest
 
-    ckpt = clip if clip.is_absolute() or clip.exists() else workdir / clip
+    if clip is None:
+        ckpt = Workdir(workdir).clip_checkpoints / "final.pt"
+    else:
+        ckpt = clip if clip.is_absolute() or clip.exists() else workdir / clip
     if not ckpt.exists():
-        console.print(f"[red]error:[/red] {ckpt}: no such CLIP checkpoint (run `train clip` first)")
-        raise typer.Exit(2)
+        raise fail(f"{ckpt}: no such CLIP checkpoint (run `train clip` first)")
     try:
         s = embed_manifest(workdir, _manifest(workdir, manifest), ckpt, batch_size=batch_size, device=device,
-                           model=model, workers=workers, log=console.print)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+                           model=model, workers=workers)
+    except TrainingError as exc:
+        raise fail(str(exc), 2) from None
     table = Table(title="train embed", show_header=False)
     table.add_row("fingerprint", s.fingerprint)
     table.add_row("model / dim", f"{s.model} / {s.dim}")
     table.add_row("images computed / reused", f"{s.images_computed} / {s.images_reused}")
     table.add_row("texts computed / reused", f"{s.texts_computed} / {s.texts_reused}")
     table.add_row("time", f"{s.seconds:.1f} s")
-    table.add_row("store", str(workdir / "embeddings" / s.fingerprint))
+    table.add_row("store", str(Workdir(workdir).embedding_store(s.fingerprint)))
     out.print(table)
 
 
@@ -182,7 +207,7 @@ def pretrain_cmd(
     `torchrun --nproc-per-node N train pretrain ...` (gloo on CPU, nccl on GPU). Checkpoints in
     checkpoints/pretrain/ (step_N.pt, latest.pt), metrics in checkpoints/pretrain/metrics.jsonl.
     """
-    from .pretrain import PretrainConfig, PretrainError, pretrain
+    from training.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(
         workdir=workdir, manifest=manifest, encoder=encoder, encoder_kwargs=_parse_kwargs(encoder_arg), img_size=img_size,
@@ -194,9 +219,8 @@ def pretrain_cmd(
     )
     try:
         res = pretrain(cfg)
-    except (PretrainError, FileNotFoundError, KeyError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {str(exc).strip()}")
-        raise typer.Exit(2)
+    except TrainingError as exc:
+        raise fail(str(exc).strip(), 2) from None
     table = Table(title="train pretrain", show_header=False)
     table.add_row("steps", f"{res.start_step} -> {res.step} of {res.total_steps}")
     if res.losses:
@@ -219,13 +243,12 @@ def export_cmd(
 
     A state dict for the matching MONAI network (UNETR's vit, SwinUNETR's swinViT, ResNet) plus
     a JSON saying how to load it."""
-    from .pretrain import export_latest
+    from training.export import export_latest
 
     try:
-        weights, meta = export_latest(workdir, checkpoint, out_dir or workdir / "exports")
-    except FileNotFoundError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        weights, meta = export_latest(workdir, checkpoint, out_dir)
+    except TrainingError as exc:
+        raise fail(str(exc), 2) from None
     info = json.loads(Path(meta).read_text())
     out.print(f"weights: {weights}\nhow to load: {meta}")
     if "snippet" in info:
@@ -233,8 +256,9 @@ def export_cmd(
 
 
 @app.callback()
-def main() -> None:
+def main(ctx: typer.Context) -> None:
     """Training stages of med3dinsight."""
+    ctx.call_on_close(_show_training_log())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,148 @@
+"""The sync run: a pool of workers sends planned jobs now, committing each answer as it arrives.
+
+Each answer is durable in the cache before its worker counts it or moves on, so a killed run
+loses nothing that was answered; only requests in flight at the kill are asked again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from captions.budget import Budget
+from captions.cache import CaptionCache
+from captions.client import CaptionClient, Stopped, redact
+from captions.errors import FatalAPIError
+from captions.jobs import Job, cache_row, caption_job
+from captions.options import CaptionOptions
+from captions.plan import CaptionSummary, estimate
+from captions.prompts import FALLBACK_PROMPT_VERSION, PROMPT_VERSION, build_messages
+
+log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_FAILURES = 20  # a run whose every request exhausts its retries stops
+
+
+class GroupCommitter:
+    """Commits answers as they arrive: each waits until its own transaction is durable.
+
+    Answers that arrive while a commit is in flight share the next transaction (group
+    commit). One commit per answer from many threads measured ~60 answers/s here (fsync plus
+    GIL hand-offs under a busy event loop); a single writer never falls behind the network.
+    """
+
+    def __init__(self, db: CaptionCache) -> None:
+        self.db = db
+        self.queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[None]]] = asyncio.Queue()
+
+    async def commit(self, row: dict[str, Any]) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self.queue.put((row, done))
+        await done
+
+    async def run(self) -> None:
+        while True:
+            group = [await self.queue.get()]
+            while not self.queue.empty():
+                group.append(self.queue.get_nowait())
+            try:
+                await asyncio.to_thread(self.db.put_many, [row for row, _ in group])
+            except Exception as exc:  # a full disk must stop the run, not hang it
+                for _, done in group:
+                    done.set_exception(exc)
+            else:
+                for _, done in group:
+                    done.set_result(None)
+
+
+async def run_sync(options: CaptionOptions, jobs: list[Job], db: CaptionCache, summary: CaptionSummary,
+                   budget: Budget, progress: Callable[[int, int], None] | None) -> None:
+    """Send ``jobs`` with ``options.concurrency`` workers; fallback re-asks join the queue.
+
+    Raises:
+        FatalAPIError: auth, quota or bad request, or too many failures in a row;
+            ``exc.summary`` holds the counts.
+    """
+    secret = options.request_key()
+    client = CaptionClient(api_key=secret, base_url=options.base_url, model=options.model,
+                           timeout=options.timeout, concurrency=options.concurrency, rpm=options.rpm,
+                           tpm=options.tpm, retry=options.retry)
+    queue = deque(jobs)
+    committer = GroupCommitter(db)
+    state: dict[str, Any] = {"fatal": None, "consecutive": 0, "done": 0}
+
+    async def worker() -> None:
+        while queue and state["fatal"] is None:
+            job = queue.popleft()
+            if not budget.may_send(job.estimate.usd if job.estimate else None):
+                summary.over_budget += 1
+                summary.stopped = budget.send_stop
+                continue
+            est = job.estimate or estimate(options, job)
+            budget.reserve(est.usd)
+            try:
+                messages = build_messages(job.req, job.req.image_path.read_bytes(), options.detail,
+                                          version=job.version)
+                summary.sent += 1
+                answer = await client.complete(messages, max_tokens=options.max_tokens,
+                                               temperature=options.temperature,
+                                               est_tokens=est.input_tokens + est.output_tokens)
+            except FatalAPIError as exc:
+                state["fatal"] = exc
+                client.stop()
+                return
+            except Stopped:
+                summary.sent -= 1
+                return
+            except Exception as exc:  # retries exhausted or unreadable image: this slice only
+                summary.failed += 1
+                state["consecutive"] += 1
+                reason = redact(f"{type(exc).__name__}: {exc}", secret)
+                if len(summary.errors) < 10:
+                    summary.errors.append(f"{job.req.slice_id}: {reason}")
+                log.warning("caption failed for %s: %s", job.req.slice_id, reason)
+                if state["consecutive"] >= MAX_CONSECUTIVE_FAILURES:
+                    state["fatal"] = FatalAPIError(f"{state['consecutive']} requests in a row failed; last: {reason}")
+                    client.stop()
+                continue
+            finally:
+                budget.release(est.usd)
+            state["consecutive"] = 0
+            row = cache_row(job.item, answer, "sync")
+            await committer.commit(row)  # durable before this worker counts it or moves on
+            usd = row["cost_usd"]
+            budget.spend(usd)
+            summary.prompt_tokens += answer.prompt_tokens
+            summary.completion_tokens += answer.completion_tokens
+            summary.usd_actual = None if usd is None or summary.usd_actual is None else summary.usd_actual + usd
+            summary.refused += int(answer.refused)
+            summary.succeeded += int(not answer.refused)
+            state["done"] += 1
+            if progress is not None:
+                progress(state["done"], summary.to_send)
+            if answer.refused and options.retry_refused and job.version == PROMPT_VERSION:
+                retry_job = caption_job(options, job.req, FALLBACK_PROMPT_VERSION)
+                if retry_job.key in db:
+                    continue
+                if budget.reask():
+                    retry_job.estimate = estimate(options, retry_job)
+                    summary.to_send += 1
+                    queue.appendleft(retry_job)
+                else:
+                    summary.over_budget += 1
+
+    writer = asyncio.create_task(committer.run())
+    try:
+        await asyncio.gather(*(worker() for _ in range(options.concurrency)))
+    finally:
+        writer.cancel()
+        summary.http_requests = client.attempts
+        await client.aclose()
+    if state["fatal"] is not None:
+        exc = state["fatal"]
+        summary.stopped = str(exc)
+        exc.summary = summary
+        raise exc

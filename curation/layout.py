@@ -1,0 +1,133 @@
+"""The workdir layout: every path a stage reads or writes under ``--workdir`` is built here.
+
+```
+manifests/    volumes.parquet, slices.parquet, v1.parquet, ... (shards/ for --shard runs)
+volumes/      <volume_id>/ volume.npy, label.npy, display.npy.zst, slices.parquet, record.json
+cache/        png/<size>/<volume_id>/<plane>_<index>.png, captions.sqlite (+ .parquet), batches/
+embeddings/   <fingerprint>/ image.parquet, text.parquet, meta.json; latest.json
+checkpoints/  clip/, pretrain/
+exports/      <encoder>_encoder.pt + .json
+reports/      index.html, volumes/<volume_id>.html, rank_eval.json
+```
+Paths stored in manifests are relative to the workdir (``Workdir.rel``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Workdir:
+    """Paths under one workdir; ``Workdir(".")`` is the default of every command."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    def rel(self, path: str | os.PathLike) -> str:
+        """``path`` relative to the workdir, as manifests store it."""
+        return os.path.relpath(path, self.root)
+
+    # manifests -------------------------------------------------------------------------
+    @property
+    def manifests(self) -> Path:
+        return self.root / "manifests"
+
+    @property
+    def volumes_manifest(self) -> Path:
+        return self.manifests / "volumes.parquet"
+
+    @property
+    def slices_manifest(self) -> Path:
+        return self.manifests / "slices.parquet"
+
+    @property
+    def shards(self) -> Path:
+        return self.manifests / "shards"
+
+    def shard_manifest(self, kind: str, i: int, n: int) -> Path:
+        """``kind`` is "volumes" or "slices"."""
+        return self.shards / f"{kind}.{i}-of-{n}.parquet"
+
+    def release(self, version: int) -> Path:
+        return self.manifests / f"v{version}.parquet"
+
+    # volumes ---------------------------------------------------------------------------
+    @property
+    def volumes(self) -> Path:
+        return self.root / "volumes"
+
+    def volume_dir(self, volume_id: str) -> Path:
+        return self.volumes / volume_id
+
+    def volume_record(self, volume_id: str) -> Path:
+        """The per-volume "done" marker, written last."""
+        return self.volume_dir(volume_id) / "record.json"
+
+    # cache -----------------------------------------------------------------------------
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @staticmethod
+    def png_relpath(volume_id: str, plane: str, index: int, size: int) -> str:
+        return f"cache/png/{size}/{volume_id}/{plane}_{index:03d}.png"
+
+    @property
+    def caption_db(self) -> Path:
+        return self.cache / "captions.sqlite"
+
+    @property
+    def caption_table(self) -> Path:
+        """Parquet copy of the caption cache (the `caption_cache` query view)."""
+        return self.cache / "captions.parquet"
+
+    @property
+    def batches(self) -> Path:
+        return self.cache / "batches"
+
+    # embeddings ------------------------------------------------------------------------
+    @property
+    def embeddings(self) -> Path:
+        return self.root / "embeddings"
+
+    def embedding_store(self, fingerprint: str) -> Path:
+        return self.embeddings / fingerprint
+
+    @property
+    def embeddings_latest(self) -> Path:
+        return self.embeddings / "latest.json"
+
+    # training --------------------------------------------------------------------------
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def clip_checkpoints(self) -> Path:
+        return self.checkpoints / "clip"
+
+    @property
+    def pretrain_checkpoints(self) -> Path:
+        return self.checkpoints / "pretrain"
+
+    @property
+    def exports(self) -> Path:
+        return self.root / "exports"
+
+    # reports ---------------------------------------------------------------------------
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def rank_eval(self) -> Path:
+        return self.reports / "rank_eval.json"
+
+    def disk_folders(self) -> dict[str, Path]:
+        """The top-level folders `curate stats` sizes."""
+        return {p.name: p for p in (self.manifests, self.volumes, self.cache, self.embeddings, self.checkpoints)}
