@@ -510,6 +510,7 @@ def child_profile(args) -> dict:
     import nibabel.orientations
 
     import curation.preprocess as pp
+    import curation.slice_rows as slice_rows_mod
     import curation.slice_step as step_mod
     from curation import fsutil, manifest, volume_io, volume_store
     from curation.datasets import discover
@@ -522,7 +523,7 @@ def child_profile(args) -> dict:
         ("preprocess (total)", pp.preprocess),
         ("write volume.npy + label.npy", volume_store.save_npy),
         ("write display.npy.zst", volume_store.save_display),
-        ("slice rows", step_mod.slice_rows),
+        ("slice rows", slice_rows_mod.slice_rows),
         ("write slices.parquet", manifest.write_manifest),
         ("write record.json (fsync)", fsutil.atomic_write_bytes),
     ]

@@ -8,7 +8,6 @@ captioned slice, self-contained for training, with a subject-wise deterministic 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +17,7 @@ import pandas as pd
 
 from curation.fsutil import atomic_path
 from curation.layout import Workdir
+from curation.splits import assign_splits
 from curation.manifest import RELEASE_SCHEMA, RELEASE_VOLUME_COLUMNS, next_release_path, read_manifest, write_manifest
 from curation.render import render_slices
 
@@ -28,7 +28,6 @@ from .jobs import CaptionRequest
 from .options import CaptionOptions
 from .plan import CaptionSummary
 
-SPLITS = (("train", 0.7), ("val", 0.1), ("test", 0.2))
 VOLUME_COLUMNS = list(RELEASE_VOLUME_COLUMNS)
 
 
@@ -39,20 +38,6 @@ class ReleaseResult:
     rows: int = 0
     refused: int = 0
     splits: dict[str, int] = field(default_factory=dict)
-
-
-def assign_splits(case_ids: pd.Series) -> pd.Series:
-    """Subject-wise, deterministic 7:1:2 split: cases sorted by a hash of their id, then cut.
-
-    With at least three cases, val and test each get at least one case.
-    """
-    cases = sorted(set(case_ids), key=lambda c: hashlib.sha256(str(c).encode()).hexdigest())
-    n = len(cases)
-    n_val = max(1, round(n * 0.1)) if n >= 3 else 0
-    n_test = max(1, round(n * 0.2)) if n >= 3 else 0
-    n_train = n - n_val - n_test
-    split = {c: "train" if i < n_train else "val" if i < n_train + n_val else "test" for i, c in enumerate(cases)}
-    return case_ids.map(split)
 
 
 def _context(row: dict[str, Any]) -> dict[str, Any]:

@@ -79,6 +79,9 @@ SLICES_SCHEMA = pa.schema(
 )
 
 
+# Slice columns that later stages fill (`curate rank`, rendering); slicing leaves them out.
+RANK_COLUMNS = ["vote_score", "vote_rank", "selection_order", "image_path", "image_sha256"]
+
 # Volume columns a release row carries, so that training needs no other manifest.
 RELEASE_VOLUME_COLUMNS: tuple[str, ...] = (
     "dataset", "subset", "case_id", "channel", "channel_name", "modality", "body_region",

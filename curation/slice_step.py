@@ -16,23 +16,21 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import pandas as pd
 
 from .dicom_dataset import scrub
 from .fsutil import atomic_write_bytes
 from .layout import Workdir
-from .manifest import PLANE_AXIS, PLANES, SLICES_SCHEMA, write_manifest
+from .manifest import write_manifest
 from .modality import known_subset, normalise_modality
 from .preprocess import PreprocessConfig, guess_modality, preprocess
 from .render import render_volume_slices
+from .slice_rows import slice_rows
 from .volume_io import VolumeError, load_nifti
 from .volume_spec import VolumeSpec
 from .volume_store import save_display, save_npy
 
 # 4D files without channel names and more volumes than this are time series: keep volume 0.
 MAX_UNNAMED_CHANNELS = 8
-# Slice columns that later stages fill (`curate rank`, rendering); slicing leaves them out.
-RANK_COLUMNS = ["vote_score", "vote_rank", "selection_order", "image_path", "image_sha256"]
 
 
 @dataclass
@@ -150,53 +148,6 @@ def done_records(spec: VolumeSpec, workdir: Path, fp: str) -> list[dict[str, Any
 
 
 # --------------------------------------------------------------------------- slice rows
-
-
-def slice_rows(
-    volume_id: str,
-    vol: np.ndarray,
-    label: np.ndarray | None,
-    label_names: dict[str, str],
-    level: float,
-    min_foreground: float,
-) -> pd.DataFrame:
-    """One row per slice along each plane whose foreground fraction reaches ``min_foreground``."""
-    G = vol.shape[0]
-    v32 = vol.astype(np.float32)
-    fg = v32 > level
-    present: dict[int, dict[int, np.ndarray]] = {}
-    values: list[int] = []
-    if label is not None:
-        values = [int(v) for v in np.unique(label) if v != 0]
-        for v in values:
-            m = label == v
-            present[v] = {ax: m.any(axis=tuple(a for a in range(3) if a != ax)) for ax in range(3)}
-    rows = []
-    for plane_index, plane in enumerate(PLANES):
-        ax = PLANE_AXIS[plane]
-        others = tuple(a for a in range(3) if a != ax)
-        frac = fg.mean(axis=others)
-        mean = v32.mean(axis=others)
-        std = v32.std(axis=others)
-        for idx in range(G):
-            if frac[idx] < min_foreground or frac[idx] == 0:
-                continue
-            labels = [label_names.get(str(v), f"label_{v}") for v in values if present[v][ax][idx]]
-            rows.append(
-                {
-                    "slice_id": f"{volume_id}:{plane}:{idx}",
-                    "volume_id": volume_id,
-                    "plane": plane,
-                    "plane_index": plane_index,
-                    "index": idx,
-                    "position": (idx + 0.5) / G,
-                    "foreground_fraction": float(frac[idx]),
-                    "mean_intensity": float(mean[idx]),
-                    "std_intensity": float(std[idx]),
-                    "labels_present": sorted(set(labels)),
-                }
-            )
-    return pd.DataFrame(rows, columns=[f.name for f in SLICES_SCHEMA if f.name not in RANK_COLUMNS])
 
 
 # --------------------------------------------------------------------------- one volume

@@ -18,8 +18,8 @@ import pandas as pd
 from .datasets import discover
 from .executor import Executor, LocalExecutor
 from .layout import Workdir
-from .manifest import SLICES_SCHEMA, VOLUMES_SCHEMA, read_manifest, write_manifest
-from .slice_step import RANK_COLUMNS, SliceConfig, SliceStep
+from .manifest import RANK_COLUMNS, SLICES_SCHEMA, VOLUMES_SCHEMA, read_manifest, write_manifest
+from .slice_step import SliceConfig, SliceStep
 from .volume_spec import VolumeSpec
 
 __all__ = ["SliceConfig", "SliceStep", "SliceSummary", "assemble", "merge_shards", "run_slice"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from captions.release import assign_splits
+from curation.splits import assign_splits
 from cli.curate import app
 from curation.manifest import read_manifest
 from curation.preprocess import PreprocessConfig
