@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from curation.splits import assign_splits
 from cli.curate import app
 from curation.manifest import read_manifest
 from curation.preprocess import PreprocessConfig
@@ -105,15 +104,3 @@ def test_unranked_slices_need_rank_or_all(tmp_path: Path, phantom):
     res = runner.invoke(app, ["caption", "--workdir", str(w), "--provider", "offline", "--all", "--budget", "5"])
     assert res.exit_code == 0, res.output
     assert len(read_manifest(w / "manifests/v1.parquet")) == 5
-
-
-def test_split_is_subject_wise_7_1_2():
-    import pandas as pd
-
-    cases = pd.Series([f"case{i // 3}" for i in range(300)])
-    split = assign_splits(cases)
-    per_case = pd.DataFrame({"c": cases, "s": split}).drop_duplicates()
-    assert per_case["c"].is_unique
-    counts = per_case["s"].value_counts()
-    assert (counts["train"], counts["val"], counts["test"]) == (70, 10, 20)
-    assert list(assign_splits(cases)) == list(split)
