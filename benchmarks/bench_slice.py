@@ -8,6 +8,9 @@ OpenBLAS threads = 1), over the same volumes, so the ratios come from one run on
                     write volume.npy / label.npy / display.npy.zst / slices.parquet / record.json,
                     then the manifests);
 - ``ours-wN``     : the same with ``workers=N`` processes (``--workers N``);
+- ``curate``      : the command a user runs, ``curate slice --dataset 3dseg8 --root SET``, as a
+                    whole process (no in-process timer of ours: its own summary's time is read);
+- ``curate-wN``   : the same with ``--workers N``: the workers-scaling row (``--scaling N``).
 - ``monai``       : LoadImaged(image, label) + EnsureChannelFirstd + Orientationd("RAS") +
                     Spacingd(1 mm; bilinear / nearest) + ScaleIntensityRanged (CT, -1000..1000)
                     or ScaleIntensityRangePercentilesd (MR, 0.5..99.5) + SpatialPadd to a cube +
@@ -26,6 +29,10 @@ Usage (with the project installed, as in ``.venv``)::
     python benchmarks/bench_slice.py                 # full run (4 CT + 4 MR + MNI)
     python benchmarks/bench_slice.py --quick         # 1 volume of each kind
     python benchmarks/bench_slice.py --workers 2     # add a 2-process row for ours
+
+Every row has two times: ``in-proc s``, timed inside the method's process after its imports,
+and ``process s``, the whole process as a user waits for it (interpreter start, imports, work,
+exit), with the 1-minute load average when the row started.
 """
 
 from __future__ import annotations
@@ -34,15 +41,18 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from proc_stats import TreeRSS, cpu_s, hwm_mb, rss_mb, run_process
+from slice_data import KINDS, describe, ensure_data, volume_pairs
+from slice_profile import child_profile
+
 REPO = Path(__file__).resolve().parents[1]
-DATA_VERSION = 1
 THREAD_ENV = {
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
@@ -50,286 +60,6 @@ THREAD_ENV = {
     "NUMEXPR_NUM_THREADS": "1",
     "VECLIB_MAXIMUM_THREADS": "1",
 }
-KINDS = ("ct", "mr", "mni")
-N_FULL = {"ct": 4, "mr": 4, "mni": 1}
-
-
-# =========================================================================== data
-
-
-def _nifti(data, affine, path: Path) -> None:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(path))
-
-
-def _make_ct(rng, k: int):
-    """A CT-like abdomen: air outside an elliptical body, fat rim, soft tissue, organs, spine,
-    lung bases in the upper slices, a scanner table; int16 HU with noise."""
-    import numpy as np
-
-    nz = int(rng.integers(48, 62))
-    sx = float(rng.uniform(0.6, 0.8))
-    sz = 5.0
-    n = 512
-    lps = k % 2 == 0  # alternate LPS and LAS, both seen from dcm2niix
-    i = np.arange(n, dtype=np.float32)[:, None]
-    j = np.arange(n, dtype=np.float32)[None, :]
-    # j grows towards posterior for LPS, towards anterior for LAS
-    post = 1.0 if lps else -1.0
-    ci, cj = n / 2 + rng.uniform(-10, 10), n / 2 + rng.uniform(-10, 10)
-    a = (330.0 / 2) / sx * rng.uniform(0.9, 1.05)  # half-width in voxels (~33 cm body)
-    b = (240.0 / 2) / sx * rng.uniform(0.9, 1.05)
-    vol = np.empty((n, n, nz), dtype=np.int16)
-    label = np.zeros((n, n, nz), dtype=np.uint8)
-    table_j = cj + post * (b + 25)
-    for z in range(nz):
-        t = z / max(nz - 1, 1)
-        scale = 1.0 - 0.08 * abs(t - 0.5)
-        r2 = ((i - ci) / (a * scale)) ** 2 + ((j - cj) / (b * scale)) ** 2
-        sl = np.full((n, n), -1000.0, dtype=np.float32)
-        sl[r2 <= 1.0] = -100.0  # fat rim
-        sl[r2 <= 0.8] = 40.0  # soft tissue
-        liver = ((i - (ci - post * 0.0 - 0.35 * a)) / (0.3 * a)) ** 2 + ((j - (cj - post * 0.1 * b)) / (0.45 * b)) ** 2
-        sl[liver <= 1.0] = 60.0
-        spleen = ((i - (ci + 0.45 * a)) / (0.12 * a)) ** 2 + ((j - (cj + post * 0.35 * b)) / (0.2 * b)) ** 2
-        in_spleen = spleen <= 1.0 - 0.6 * abs(t - 0.55) * 2
-        sl[in_spleen] = 50.0
-        if t > 0.7:  # lung bases
-            for side in (-1, 1):
-                lung = ((i - (ci + side * 0.45 * a)) / (0.28 * a)) ** 2 + ((j - (cj + post * 0.1 * b)) / (0.5 * b)) ** 2
-                sl[lung <= (t - 0.7) / 0.3] = -850.0
-        vert = ((i - ci) ** 2 + (j - (cj + post * 0.7 * b)) ** 2) * sx * sx
-        sl[vert <= 18.0**2] = 300.0  # cancellous bone
-        sl[(vert <= 18.0**2) & (vert >= 15.0**2)] = 900.0  # cortex
-        ribs = (r2 <= 0.86) & (r2 >= 0.8) & (np.abs(np.sin(np.arctan2(j - cj, i - ci) * 9)) > 0.8)
-        sl[ribs & (t > 0.5)] = 700.0
-        sl[(np.abs(j - table_j) < 6) & (np.abs(i - ci) < a * 1.1)] = 200.0  # table
-        body = sl > -950
-        noise = rng.normal(0.0, 15.0, size=(n, n)).astype(np.float32)
-        sl = np.where(body, sl + noise, sl + noise * 0.3)
-        vol[:, :, z] = np.clip(np.rint(sl), -1024, 3071).astype(np.int16)
-        label[:, :, z] = in_spleen
-    if lps:
-        affine = np.diag([-sx, -sx, sz, 1.0])
-    else:
-        affine = np.diag([-sx, sx, sz, 1.0])
-    affine[:3, 3] = [sx * n / 2, (sx * n / 2) if lps else -(sx * n / 2), -sz * nz / 2]
-    return vol, label, affine
-
-
-def _make_mr(rng, k: int):
-    """An MR-like head: scalp, dark skull, grey/white matter, ventricles, Rician-ish background."""
-    import numpy as np
-
-    n, nz = 256, 24
-    sx, sz = 0.9, 6.0
-    i = np.arange(n, dtype=np.float32)[:, None, None]
-    j = np.arange(n, dtype=np.float32)[None, :, None]
-    z = np.arange(nz, dtype=np.float32)[None, None, :]
-    ci, cj, cz = n / 2 + rng.uniform(-5, 5), n / 2 + rng.uniform(-5, 5), nz / 2
-    a, b, c = 75.0 / sx, 95.0 / sx, 75.0 / sz
-    r2 = ((i - ci) / a) ** 2 + ((j - cj) / b) ** 2 + ((z - cz) / c) ** 2
-    vol = np.zeros((n, n, nz), dtype=np.float32)
-    vol[r2 <= 1.0] = 900.0  # scalp fat
-    vol[r2 <= 0.9] = 60.0  # skull
-    vol[r2 <= 0.8] = 450.0  # grey matter
-    wm = r2 <= 0.5
-    vol[wm] = 650.0  # white matter
-    vent = ((i - ci) / (0.12 * a)) ** 2 + ((j - cj) / (0.3 * b)) ** 2 + ((z - cz) / (0.3 * c)) ** 2 <= 1.0
-    vol[vent] = 150.0
-    texture = rng.normal(0.0, 1.0, size=(n // 8, n // 8, nz)).astype(np.float32)
-    texture = np.repeat(np.repeat(texture, 8, axis=0), 8, axis=1)
-    vol = vol * (1.0 + 0.05 * texture) * (1.0 + 0.15 * (i - ci) / n)  # bias field
-    noise = np.abs(vol + rng.normal(0.0, 12.0, size=vol.shape) + 1j * rng.normal(0.0, 12.0, size=vol.shape))
-    vol = noise.astype(np.float32)
-    label = np.zeros((n, n, nz), dtype=np.uint8)
-    label[r2 <= 0.8] = 1
-    label[vent] = 2
-    if k % 2 == 0:
-        vol = np.rint(vol).astype(np.int16)
-    orient = k % 3
-    if orient == 0:  # LPS
-        affine = np.diag([-sx, -sx, sz, 1.0])
-    elif orient == 1:  # RAS
-        affine = np.diag([sx, sx, sz, 1.0])
-    else:  # LAS
-        affine = np.diag([-sx, sx, sz, 1.0])
-    affine[:3, 3] = [-affine[0, 0] * n / 2, -affine[1, 1] * n / 2, -sz * nz / 2]
-    return vol, label, affine
-
-
-def ensure_data(data_dir: Path, log=print) -> dict[str, Path]:
-    """Generate the full set once (and the quick set as hard links into it); return set roots."""
-    import numpy as np
-
-    full, quick = data_dir / "full", data_dir / "quick"
-    stamp = data_dir / f".complete-v{DATA_VERSION}"
-    if stamp.exists():
-        return {"full": full, "quick": quick}
-    t0 = time.perf_counter()
-    log(f"generating benchmark volumes into {data_dir} (once) ...")
-    for p in (full, quick):
-        if p.exists():
-            shutil.rmtree(p)
-    rng = np.random.default_rng(1234)
-    task = full / "ct" / "Task09_Spleen"
-    for k in range(N_FULL["ct"]):
-        vol, lab, aff = _make_ct(rng, k)
-        _nifti(vol, aff, task / "imagesTr" / f"spleen_{k:03d}.nii.gz")
-        _nifti(lab, aff, task / "labelsTr" / f"spleen_{k:03d}.nii.gz")
-    info = {
-        "name": "Spleen (synthetic, benchmark)",
-        "modality": {"0": "CT"},
-        "labels": {"0": "background", "1": "spleen"},
-    }
-    (task / "dataset.json").write_text(json.dumps(info, indent=1))
-    for k in range(N_FULL["mr"]):
-        vol, lab, aff = _make_mr(rng, k)
-        _nifti(vol, aff, full / "mr" / "images" / f"mr_{k:03d}.nii.gz")
-        _nifti(lab, aff, full / "mr" / "labels" / f"mr_{k:03d}.nii.gz")
-    from nilearn import datasets
-
-    tpl = datasets.load_mni152_template(resolution=1)
-    mask = datasets.load_mni152_brain_mask(resolution=1)
-    _nifti(np.asarray(tpl.dataobj), tpl.affine, full / "mni" / "images" / "mni152_t1_1mm.nii.gz")
-    _nifti(np.asarray(mask.dataobj).astype(np.uint8), mask.affine, full / "mni" / "labels" / "mni152_t1_1mm.nii.gz")
-    # quick set: the first volume of each kind (hard links; a copy where links fail)
-    for src in sorted(full.rglob("*")):
-        if not src.is_file():
-            continue
-        rel = src.relative_to(full)
-        if src.name.endswith(".nii.gz") and not src.name.startswith(("spleen_000", "mr_000", "mni152")):
-            continue
-        dst = quick / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-    stamp.write_text(json.dumps({"version": DATA_VERSION}))
-    log(f"generated in {time.perf_counter() - t0:.1f} s")
-    return {"full": full, "quick": quick}
-
-
-def volume_pairs(set_root: Path) -> list[dict]:
-    """(image, label, kind, modality) for every volume of a set, in a fixed order."""
-    out = []
-    task = set_root / "ct" / "Task09_Spleen"
-    for img in sorted((task / "imagesTr").glob("*.nii.gz")):
-        out.append({"kind": "ct", "modality": "CT", "image": str(img), "label": str(task / "labelsTr" / img.name)})
-    for kind in ("mr", "mni"):
-        for img in sorted((set_root / kind / "images").glob("*.nii.gz")):
-            out.append({"kind": kind, "modality": "MR", "image": str(img), "label": str(set_root / kind / "labels" / img.name)})
-    return out
-
-
-def describe(pairs: list[dict]) -> list[dict]:
-    import nibabel as nib
-
-    rows = []
-    for p in pairs:
-        img = nib.load(p["image"])
-        rows.append(
-            {
-                "kind": p["kind"],
-                "file": Path(p["image"]).name,
-                "shape": list(img.shape),
-                "spacing": [round(float(v), 3) for v in img.header.get_zooms()[:3]],
-                "dtype": str(img.get_data_dtype()),
-                "axcodes": "".join(nib.aff2axcodes(img.affine)),
-                "mb_gz": round(os.path.getsize(p["image"]) / 1e6, 1),
-            }
-        )
-    return rows
-
-
-# =========================================================================== children
-
-
-def _rss_mb(who=resource.RUSAGE_SELF) -> float:
-    """Peak RSS (ru_maxrss, MB). Linux carries a parent's high-water mark into a forked and
-    exec'd child, which is why the parent of this script never loads volumes or heavy modules."""
-    return resource.getrusage(who).ru_maxrss / 1024.0  # Linux: kB
-
-
-def _hwm_mb() -> float | None:
-    """VmHWM of this process (MB): the peak RSS of its own address space since exec."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-class TreeRSS:
-    """Samples the summed RSS of this process and all its descendants (worker pools)."""
-
-    def __init__(self, interval: float = 0.05):
-        import threading
-
-        self.interval = interval
-        self.peak_mb = 0.0
-        self.peak_single_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def _tree(self) -> list[int]:
-        parents: dict[int, int] = {}
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = Path(entry.path, "stat").read_text()
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-        tree, frontier = [os.getpid()], [os.getpid()]
-        while frontier:
-            frontier = [pid for pid, ppid in parents.items() if ppid in frontier]
-            tree.extend(frontier)
-        return tree
-
-    def _sample(self) -> None:
-        total = 0.0
-        for pid in self._tree():
-            try:
-                rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * self._page / 2**20
-            except (OSError, ValueError, IndexError):
-                continue
-            total += rss
-            self.peak_single_mb = max(self.peak_single_mb, rss)
-        self.peak_mb = max(self.peak_mb, total)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
-def _cpu_s(children: bool = False) -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    total = ru.ru_utime + ru.ru_stime
-    if children:
-        rc = resource.getrusage(resource.RUSAGE_CHILDREN)
-        total += rc.ru_utime + rc.ru_stime
-    return total
-
 
 def _child_common():
     import torch
@@ -343,9 +73,9 @@ def child_nibabel(args) -> dict:
     import numpy as np
 
     pairs = volume_pairs(Path(args.set_root))
-    rss_imports = _rss_mb()
+    rss_imports = rss_mb()
     per_kind: dict[str, float] = {}
-    t_all, c_all = time.perf_counter(), _cpu_s(children=True)
+    t_all, c_all = time.perf_counter(), cpu_s(children=True)
     for p in pairs:
         t0 = time.perf_counter()
         for key in ("image", "label"):
@@ -356,7 +86,7 @@ def child_nibabel(args) -> dict:
     return {
         "volumes": len(pairs),
         "seconds": time.perf_counter() - t_all,
-        "cpu_s": _cpu_s(children=True) - c_all,
+        "cpu_s": cpu_s(children=True) - c_all,
         "per_kind_s": per_kind,
         "rss_imports_mb": rss_imports,
     }
@@ -395,10 +125,10 @@ def child_monai(args) -> dict:
         "MR": ScaleIntensityRangePercentilesd(keys="image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
     }
     resize = Resized(keys=keys, spatial_size=(G, G, G), mode=("area", "nearest"))
-    rss_imports = _rss_mb()
+    rss_imports = rss_mb()
     per_kind: dict[str, float] = {}
     shapes = []
-    t_all, c_all = time.perf_counter(), _cpu_s(children=True)
+    t_all, c_all = time.perf_counter(), cpu_s(children=True)
     for n, p in enumerate(pairs):
         t0 = time.perf_counter()
         d = head({"image": p["image"], "label": p["label"]})
@@ -416,7 +146,7 @@ def child_monai(args) -> dict:
     return {
         "volumes": len(pairs),
         "seconds": time.perf_counter() - t_all,
-        "cpu_s": _cpu_s(children=True) - c_all,
+        "cpu_s": cpu_s(children=True) - c_all,
         "per_kind_s": per_kind,
         "rss_imports_mb": rss_imports,
         "cube_side_1mm": shapes,
@@ -433,19 +163,27 @@ def _ours_jobs(set_root: Path) -> list[tuple[str, str, Path]]:
     ]
 
 
+def _one_thread_if_torch() -> None:
+    # THREAD_ENV already limits BLAS/OpenMP; torch is told only if the code under test loaded it
+    # (importing it here would put its ~600 MB and seconds on a path that may not need it)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
 def child_ours(args) -> dict:
-    _child_common()
     from curation.preprocess import PreprocessConfig
     from curation.slicing import SliceConfig, run_slice
 
+    _one_thread_if_torch()
+
     set_root = Path(args.set_root)
     work = Path(args.work)
-    rss_imports = _rss_mb()
+    rss_imports = rss_mb()
     per_kind: dict[str, float] = {}
     volumes = errors = slices = 0
     modalities: dict[str, list] = {}
     manifests: list[tuple[str, Path]] = []
-    t_all, c_all = time.perf_counter(), _cpu_s(children=True)
+    t_all, c_all = time.perf_counter(), cpu_s(children=True)
     if args.workers > 1:
         # one call over the whole set so the process pool starts once (3dseg8 discovery finds the
         # MSD task with its dataset.json and the images/ + labels/ folders)
@@ -466,7 +204,7 @@ def child_ours(args) -> dict:
         if summary.error_lines:
             print("\n".join(summary.error_lines), file=sys.stderr)
     seconds = time.perf_counter() - t_all
-    cpu_s = _cpu_s(children=True) - c_all
+    cpu_used = cpu_s(children=True) - c_all
     if sampler is not None:
         sampler.__exit__(None, None, None)
     import pandas as pd
@@ -476,119 +214,15 @@ def child_ours(args) -> dict:
     return {
         "tree_peak_rss_mb": sampler.peak_mb if sampler else None,
         "tree_peak_single_rss_mb": sampler.peak_single_mb if sampler else None,
-        "rss_children_mb": _rss_mb(resource.RUSAGE_CHILDREN),
+        "rss_children_mb": rss_mb(resource.RUSAGE_CHILDREN),
         "volumes": volumes,
         "errors": errors,
         "slices": slices,
         "seconds": seconds,
-        "cpu_s": cpu_s,
+        "cpu_s": cpu_used,
         "per_kind_s": per_kind,
         "rss_imports_mb": rss_imports,
         "modalities": modalities,
-    }
-
-
-def _stage_times(stats, stages: list[tuple[str, object]], caller_files: set[str]) -> dict[str, float]:
-    """Cumulative seconds of each stage function over its calls made from ``caller_files``."""
-    out = {}
-    for label, fn in stages:
-        code = fn.__code__
-        entry = stats.stats.get((code.co_filename, code.co_firstlineno, code.co_name))
-        callers = entry[4] if entry else {}
-        out[label] = sum(v[3] for k, v in callers.items() if k[0] in caller_files)
-    return out
-
-
-def child_profile(args) -> dict:
-    """Stage split of ``process_volume`` on one CT volume (after a warm-up volume; fastest of
-    three), from cProfile: the cumulative time of the public functions it calls (preprocess's
-    parts as called from preprocess), once with a wall-clock and once with a CPU-time timer."""
-    _child_common()
-    import cProfile
-    import pstats
-
-    import nibabel.orientations
-
-    import curation.preprocess as pp
-    import curation.slice_rows as slice_rows_mod
-    import curation.slice_step as step_mod
-    from curation import fsutil, manifest, volume_io, volume_store
-    from curation.datasets import discover
-    from curation.preprocess import PreprocessConfig
-    from curation.slice_step import SliceConfig, fingerprint, process_volume
-
-    top = [  # called by the step
-        ("load image + label (nibabel + gunzip)", volume_io.load_nifti),
-        ("sha256 of source", step_mod.sha256_files),
-        ("preprocess (total)", pp.preprocess),
-        ("write volume.npy + label.npy", volume_store.save_npy),
-        ("write display.npy.zst", volume_store.save_display),
-        ("slice rows", slice_rows_mod.slice_rows),
-        ("write slices.parquet", manifest.write_manifest),
-        ("write record.json (fsync)", fsutil.atomic_write_bytes),
-    ]
-    sub = [  # called by preprocess
-        ("  clean_intensities (float32 copy, finite check)", pp.clean_intensities),
-        ("  percentile windows", pp.percentile_window),
-        ("  reorient (transpose/flip)", nibabel.orientations.apply_orientation),
-        ("  resize3d (train + display + label)", pp.resize3d),
-        ("  oblique resample", pp.resample_oblique),
-    ]
-
-    set_root = Path(args.set_root)
-    work = Path(args.work)
-    cfg = SliceConfig(workdir=work, pre=PreprocessConfig())
-    mr_specs, _ = discover("nifti", set_root / "mr")
-    process_volume(mr_specs[0], cfg, "warmup")  # torch / pyarrow lazy init out of the way
-    specs, _ = discover("msd", set_root / "ct" / "Task09_Spleen")
-    spec = specs[0]
-
-    def fastest(timer) -> tuple[float, dict[str, float], list]:
-        best = None
-        for _ in range(3):  # keep the fastest of three (the machine may be shared)
-            prof = cProfile.Profile(timer) if timer else cProfile.Profile()
-            clock = timer or time.perf_counter
-            t0 = clock()
-            prof.enable()
-            recs = process_volume(spec, cfg, fingerprint(spec, cfg))
-            prof.disable()
-            total = clock() - t0
-            assert recs[0]["status"] == "ok", recs[0].get("error")
-            if best is None or total < best[0]:
-                stats = pstats.Stats(prof)
-                stages = _stage_times(stats, top, {step_mod.__file__})
-                stages.update(_stage_times(stats, sub, {pp.__file__}))
-                best = (total, stages, recs)
-        return best
-
-    total, timers, recs = fastest(None)
-    total_cpu, cpu, _ = fastest(time.process_time)
-
-    def finish(d: dict, whole: float) -> dict:
-        top = [k for k in d if not k.startswith("  ")]
-        d["other (process_volume glue)"] = whole - sum(d[k] for k in top)
-        sub = [k for k in d if k.startswith("  ")]
-        pre = d.pop("preprocess (total)", 0.0)
-        out = {}
-        for k, v in d.items():  # preprocess total first, then its parts, then the rest
-            if k.startswith("  "):
-                continue
-            if "preprocess (total)" not in out and (k.startswith("write") or k.startswith("slice")):
-                out["preprocess (total)"] = pre
-                for j in sub:
-                    out[j] = d[j]
-                out["  rest of preprocess (geometry, window/clip/cast, padding)"] = pre - sum(d[j] for j in sub)
-            out[k] = v
-        return out
-
-    return {
-        "volume": spec.display_path,
-        "source_shape": recs[0]["source_shape"],
-        "source_spacing": recs[0]["source_spacing"],
-        "total_s": total,
-        "total_cpu_s": total_cpu,
-        "stages_s": finish(timers, total),
-        "stages_cpu_s": finish(cpu, total_cpu),
     }
 
 
@@ -600,61 +234,88 @@ def child_prepare(args) -> dict:
 CHILDREN = {"prepare": child_prepare, "nibabel": child_nibabel, "monai": child_monai, "ours": child_ours, "profile": child_profile}
 
 
-def run_child(method: str, set_root: Path, work: Path, grid: int, workers: int = 1, timeout: float = 900, extra=()) -> dict:
+def _fresh(work: Path) -> Path:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    env = dict(os.environ, **THREAD_ENV)
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--child",
-        method,
-        "--set-root",
-        str(set_root),
-        "--work",
-        str(work),
-        "--grid",
-        str(grid),
-        "--workers",
-        str(workers),
-        *extra,
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True, timeout=timeout,
-                          stderr=None if method == "prepare" else subprocess.PIPE)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{method} child failed (exit {proc.returncode}):\n{(proc.stderr or '')[-4000:]}")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    return work
+
+
+def run_child(method: str, set_root: Path, work: Path, grid: int, workers: int = 1, timeout: float = 900, extra=()) -> dict:
+    """One method in a fresh process; its RESULT line plus the whole process's measurements."""
+    _fresh(work)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method, "--set-root", str(set_root),
+           "--work", str(work), "--grid", str(grid), "--workers", str(workers), *extra]
+    proc = run_process(cmd, REPO, dict(os.environ, **THREAD_ENV), work.parent / f"{work.name}.log", timeout)
+    if method == "prepare" and proc["stderr"].strip():
+        print(proc["stderr"].strip(), file=sys.stderr)
+    if proc["returncode"] != 0:
+        raise RuntimeError(f"{method} child failed (exit {proc['returncode']}):\n{proc['stderr'][-4000:]}")
+    lines = [ln for ln in proc["stdout"].splitlines() if ln.startswith("RESULT ")]
     if not lines:
-        raise RuntimeError(f"{method} child printed no result:\n{proc.stdout[-2000:]}\n{(proc.stderr or '')[-2000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+        raise RuntimeError(f"{method} child printed no result:\n{proc['stdout'][-2000:]}\n{proc['stderr'][-2000:]}")
+    res = json.loads(lines[-1][len("RESULT "):])
+    res["process"] = {k: v for k, v in proc.items() if k not in ("stdout", "stderr")}
+    return res
+
+
+def run_curate(set_root: Path, work: Path, grid: int, workers: int, timeout: float = 900) -> dict:
+    """``curate slice`` over the whole set, as a user runs it (console script, one thread per
+    process), timed from outside; the in-process time is the one its summary prints."""
+    _fresh(work)
+    curate = Path(sys.executable).with_name("curate")
+    head = [str(curate)] if curate.exists() else [sys.executable, "-m", "cli.curate"]
+    cmd = [*head, "slice", "--dataset", "3dseg8", "--root", str(set_root), "--workdir", str(work / "w"),
+           "--grid-size", str(grid), "--workers", str(workers)]
+    proc = run_process(cmd, REPO, dict(os.environ, **THREAD_ENV, COLUMNS="200"), work / "log", timeout)
+    if proc["returncode"] != 0:
+        raise RuntimeError(f"curate slice failed (exit {proc['returncode']}):\n{proc['stderr'][-4000:]}")
+    found = {k: re.search(rf"{k}\D*?(\d+(?:\.\d+)?)", proc["stdout"]) for k in ("processed", "errors", "time")}
+    return {
+        "volumes": int(found["processed"].group(1)) if found["processed"] else 0,
+        "errors": int(found["errors"].group(1)) if found["errors"] else None,
+        "seconds": float(found["time"].group(1)) if found["time"] else None,
+        "cpu_s": proc["cpu_s"],
+        "command": " ".join(cmd[len(head):]),
+        "process": {k: v for k, v in proc.items() if k not in ("stdout", "stderr")},
+    }
 
 
 # =========================================================================== parent
 
 
 def fmt_table(rows: list[dict]) -> str:
-    head = ["method", "volumes", "seconds", "volumes/s", "peak RSS MB", "x MONAI vol/s", "x MONAI RSS", "CPU s", "x MONAI CPU"]
-    opt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    body = []
-    for r in rows:
-        body.append(
-            [
-                r["method"],
-                str(r["volumes"]),
-                f"{r['seconds']:.2f}",
-                f"{r['volumes_per_s']:.3f}",
-                f"{r['peak_rss_mb']:.0f}",
-                opt(r.get("throughput_vs_monai")),
-                opt(r.get("rss_vs_monai")),
-                f"{r['cpu_s']:.2f}",
-                opt(r.get("cpu_throughput_vs_monai")),
-            ]
-        )
+    head = ["method", "volumes", "in-proc s", "process s", "vol/s", "peak RSS MB", "x MONAI vol/s",
+            "x MONAI RSS", "x floor s", "CPU s", "load 1m"]
+    opt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
+    body = [[r["method"], str(r["volumes"]), opt(r["seconds"]), opt(r["process_s"]), opt(r["volumes_per_s"], "{:.3f}"),
+             f"{r['peak_rss_mb']:.0f}", opt(r.get("throughput_vs_monai")), opt(r.get("rss_vs_monai")),
+             opt(r.get("time_vs_floor")), f"{r['cpu_s']:.2f}", f"{r['loadavg_1m']:.2f}"] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line(head), sep, *[line(b) for b in body]])
+    return "\n".join([line(head), "  ".join("-" * w for w in widths), *[line(b) for b in body]])
+
+
+def make_row(name: str, workers: int, reps: list[dict]) -> dict:
+    """The fastest of the repeats (by whole-process time); memory is the worst repeat's."""
+    res = min(reps, key=lambda r: r["process"]["wall_s"])
+    res["repeats_process_s"] = [r["process"]["wall_s"] for r in reps]
+    # largest single process (wait4's ru_maxrss); with workers, the process tree's summed peak
+    single = max(max(r.get("peak_rss_mb") or 0.0, r["process"]["maxrss_mb"]) for r in reps)
+    tree = max(r["process"]["tree_peak_rss_mb"] for r in reps)
+    process_s = res["process"]["wall_s"]
+    return {
+        "method": name,
+        "volumes": res["volumes"],
+        "seconds": res.get("seconds"),
+        "process_s": process_s,
+        "volumes_per_s": res["volumes"] / process_s if process_s else float("nan"),
+        "peak_rss_mb": max(single, tree) if workers > 1 else single,
+        "cpu_s": res["process"]["cpu_s"],
+        "loadavg_1m": res["process"]["loadavg_1m"],
+        "workers": workers,
+        "detail": res,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -663,10 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=REPO / "bench-work" / "runs", help="scratch outputs of each method")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results_slice.json", help="results JSON")
     ap.add_argument("--quick", action="store_true", help="1 volume of each kind (smoke run)")
-    ap.add_argument("--workers", type=int, default=0, help="also time ours with N worker processes (N >= 2)")
+    ap.add_argument("--workers", type=int, default=0, help="also time ours in-process with N worker processes (N >= 2)")
+    ap.add_argument("--scaling", type=int, default=2, help="workers of the scaling row, `curate slice --workers N` (0: none)")
     ap.add_argument("--grid", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=1, help="run each method N times, keep the fastest")
-    ap.add_argument("--methods", default="nibabel,monai,ours", help="comma list of nibabel, monai, ours")
+    ap.add_argument("--methods", default="nibabel,monai,ours,curate", help="comma list of nibabel, monai, ours, curate")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-stage split of one CT volume")
     # internal: one method in a fresh process
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
@@ -675,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:
         res = CHILDREN[args.child](args)
-        res["peak_rss_mb"] = _rss_mb()
-        res["vmhwm_mb"] = _hwm_mb()
+        res["peak_rss_mb"] = rss_mb()
+        res["vmhwm_mb"] = hwm_mb()
         print("RESULT " + json.dumps(res))
         return 0
 
@@ -692,72 +354,79 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {v['kind']:4s} {v['file']:24s} {str(tuple(v['shape'])):18s} {str(tuple(v['spacing'])):22s} {v['dtype']:8s} {v['axcodes']}  {v['mb_gz']} MB")
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    plan: list[tuple[str, str, int]] = []  # (row name, child, workers)
+    plan: list[tuple[str, str, int]] = []  # (row name, child or "curate", workers)
     for m in methods:
-        if m not in ("nibabel", "monai", "ours"):
+        if m not in ("nibabel", "monai", "ours", "curate"):
             ap.error(f"unknown method {m!r}")
         plan.append((m, m, 1))
     if args.workers and args.workers > 1:
         plan.append((f"ours-w{args.workers}", "ours", args.workers))
+    if args.scaling and args.scaling > 1:
+        if "curate" not in methods:
+            plan.append(("curate", "curate", 1))
+        plan.append((f"curate-w{args.scaling}", "curate", args.scaling))
 
     rows = []
     t_run = time.perf_counter()
     load_before = os.getloadavg()
     for name, child, workers in plan:
         print(f"running {name} ...", flush=True)
-        reps = [run_child(child, set_root, args.work / name, args.grid, workers) for _ in range(max(1, args.repeat))]
-        res = min(reps, key=lambda r: r["seconds"])
-        res["repeats_s"] = [r["seconds"] for r in reps]
-        res["peak_rss_mb"] = max(r["peak_rss_mb"] for r in reps)
-        if workers > 1:
-            res["tree_peak_rss_mb"] = max(r.get("tree_peak_rss_mb") or 0.0 for r in reps)
-        peak = res["peak_rss_mb"]
-        if workers > 1:
-            # the parent and its workers are separate processes: report their summed RSS (sampled)
-            peak = max(peak, res.get("tree_peak_rss_mb") or 0.0)
-        row = {
-            "method": name,
-            "volumes": res["volumes"],
-            "seconds": res["seconds"],
-            "volumes_per_s": res["volumes"] / res["seconds"] if res["seconds"] else float("nan"),
-            "peak_rss_mb": peak,
-            "cpu_s": res["cpu_s"],
-            "workers": workers,
-            "detail": res,
-        }
-        if res.get("errors"):
-            print(f"  WARNING: {res['errors']} volume(s) failed in {name}", file=sys.stderr)
+        reps = []
+        for _ in range(max(1, args.repeat)):
+            if child == "curate":
+                reps.append(run_curate(set_root, args.work / name, args.grid, workers))
+            else:
+                reps.append(run_child(child, set_root, args.work / name, args.grid, workers))
+        row = make_row(name, workers, reps)
+        if row["detail"].get("errors"):
+            print(f"  WARNING: {row['detail']['errors']} volume(s) failed in {name}", file=sys.stderr)
         rows.append(row)
-        print(f"  {row['volumes']} volumes in {row['seconds']:.2f} s, peak RSS {peak:.0f} MB", flush=True)
+        print(f"  {row['volumes']} volumes in {row['process_s']:.2f} s whole process"
+              + (f" ({row['seconds']:.2f} s in-process)" if row["seconds"] is not None else "")
+              + f", peak RSS {row['peak_rss_mb']:.0f} MB, load {row['loadavg_1m']:.2f}", flush=True)
 
     monai = next((r for r in rows if r["method"] == "monai"), None)
+    floor = next((r for r in rows if r["method"] == "nibabel"), None)
     for r in rows:
-        if monai:
-            r["throughput_vs_monai"] = r["volumes_per_s"] / monai["volumes_per_s"]
-            r["rss_vs_monai"] = r["peak_rss_mb"] / monai["peak_rss_mb"]
-            r["cpu_throughput_vs_monai"] = (monai["cpu_s"] / monai["volumes"]) / (r["cpu_s"] / r["volumes"])
-        else:
-            r["throughput_vs_monai"] = r["rss_vs_monai"] = r["cpu_throughput_vs_monai"] = None
+        r["throughput_vs_monai"] = r["volumes_per_s"] / monai["volumes_per_s"] if monai else None
+        r["rss_vs_monai"] = r["peak_rss_mb"] / monai["peak_rss_mb"] if monai else None
+        r["time_vs_floor"] = r["process_s"] / floor["process_s"] if floor and r["volumes"] == floor["volumes"] else None
+    scaling = None
+    one, many = (next((r for r in rows if r["method"] == m), None) for m in ("curate", f"curate-w{args.scaling}"))
+    if one and many and one["volumes"] == many["volumes"]:
+        scaling = {"workers": args.scaling, "volumes": one["volumes"], "one_s": one["process_s"], "many_s": many["process_s"],
+                   "speedup": one["process_s"] / many["process_s"], "one_cpu_s": one["cpu_s"], "many_cpu_s": many["cpu_s"]}
 
     profile = None
     if not args.no_profile:
         print("profiling one CT volume ...", flush=True)
-        profile = run_child("profile", set_root, args.work / "profile", args.grid)
+        try:
+            profile = run_child("profile", set_root, args.work / "profile", args.grid)
+        except RuntimeError as exc:  # the stage split is a detail; the table stands without it
+            print(f"  profile failed: {str(exc).splitlines()[-1]}", file=sys.stderr)
 
     load_after = os.getloadavg()
     print()
     print(f"bench_slice ({set_name}: {len(pairs)} volumes = "
           + ", ".join(f"{sum(p['kind'] == k for p in pairs)} {k}" for k in KINDS)
           + f"; grid {args.grid}; one thread per process"
-          + (f"; fastest of {args.repeat}" if args.repeat > 1 else "") + ")")
+          + (f"; fastest of {args.repeat}" if args.repeat > 1 else "") + f"; {time.strftime('%Y-%m-%d')})")
     print(fmt_table(rows))
     print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after ({os.cpu_count()} CPUs): "
           "wall-clock ratios assume a quiet machine; CPU s (user+sys, workers included) is less sensitive")
+    print("x MONAI vol/s and x floor s use whole-process times; targets: >= 10x MONAI, <= 3x the floor "
+          "(nibabel), <= 0.3x MONAI's RSS")
+    if scaling:
+        print(f"workers scaling (curate slice, whole process, same {scaling['volumes']} volumes): 1 worker "
+              f"{scaling['one_s']:.2f} s, {scaling['workers']} workers {scaling['many_s']:.2f} s -> "
+              f"{scaling['speedup']:.2f}x (CPU s {scaling['one_cpu_s']:.1f} vs {scaling['many_cpu_s']:.1f}; target >= 1.6x "
+              "on 2 cores from 16 volumes up)")
     print()
-    print("seconds per kind:")
+    print("seconds per kind (in-process):")
     for r in rows:
         pk = r["detail"].get("per_kind_s", {})
-        print(f"  {r['method']:10s} " + "  ".join(f"{k} {v:.2f}" for k, v in pk.items()))
+        if pk:
+            print(f"  {r['method']:10s} " + "  ".join(f"{k} {v:.2f}" for k, v in pk.items()))
     if profile:
         print()
         print(f"stage split, one CT volume {profile['volume']} {tuple(profile['source_shape'])}: "
@@ -769,10 +438,12 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "benchmark": "bench_slice",
+        "date": time.strftime("%Y-%m-%d"),
         "set": set_name,
         "grid": args.grid,
         "inputs": inputs,
         "rows": rows,
+        "scaling": scaling,
         "profile": profile,
         "wall_s": time.perf_counter() - t_run,
         "machine": {

@@ -24,7 +24,8 @@ from typing import Any
 import openai
 
 from captions.cache import CaptionCache
-from captions.client import MalformedResponse, call_with_retry, make_openai, parse_completion, redact
+from captions.client import EndpointMissing, MalformedResponse, call_with_retry, make_openai, parse_completion, redact
+from captions.cost import Prices
 from captions.jobs import CacheItem, cache_row
 from captions.options import RetryPolicy
 from curation.fsutil import atomic_write_text
@@ -166,19 +167,26 @@ def write_inputs(
 async def _create(client: openai.AsyncOpenAI, store: BatchStore, entry: dict[str, Any],
                   policy: RetryPolicy, secret: str | None) -> None:
     """Advance a 'prepared' or 'uploaded' entry to 'submitted', saving after each step."""
+    no_api = (f"the server at {client.base_url} has no Batch API (its Files/Batches endpoints answer "
+              "404/405); use --mode sync")
     if entry["status"] == "prepared":
         path = store.dir / entry["input_file"]
         uploaded = await call_with_retry(
             lambda: client.files.create(file=(path.name, path.read_bytes(), "application/jsonl"),
-                                        purpose="batch"), policy, secret)
+                                        purpose="batch"), policy, secret, missing=no_api)
         entry.update(status="uploaded", input_file_id=uploaded.id)
         store.save()
     if entry["status"] == "uploaded":
         # A crash between batches.create and the save below leaves a batch we do not know:
         # find it by its input file before creating another.
         batch = None
-        listing = await call_with_retry(lambda: client.batches.list(limit=100), policy, secret)
-        for candidate in listing.data:
+        try:
+            listing = await call_with_retry(lambda: client.batches.list(limit=100), policy, secret,
+                                            missing="batches.list unsupported")
+        except EndpointMissing:
+            log.info("batches.list is not supported by this server; orphan adoption skipped")
+            listing = None
+        for candidate in listing.data if listing is not None else ():
             if candidate.input_file_id == entry["input_file_id"]:
                 batch = candidate
                 break
@@ -187,14 +195,28 @@ async def _create(client: openai.AsyncOpenAI, store: BatchStore, entry: dict[str
                 lambda: client.batches.create(input_file_id=entry["input_file_id"], endpoint=ENDPOINT,
                                               completion_window="24h",
                                               metadata={"local_id": entry["local_id"]}),
-                policy, secret)
+                policy, secret, missing=no_api)
         entry.update(status="submitted", batch_id=batch.id, remote_status=batch.status)
         store.save()  # first thing after creation: a rerun now polls instead of resubmitting
 
 
+def batch_errors_line(batch: Any) -> str | None:
+    """One line from a batch's ``errors`` (e.g. "token_limit_exceeded: Enqueued token limit...")."""
+    errors = getattr(batch, "errors", None)
+    data = getattr(errors, "data", None) if errors is not None else None
+    if not data:
+        return None
+    parts = []
+    for err in data[:3]:
+        code, message = getattr(err, "code", None), getattr(err, "message", None)
+        parts.append(": ".join(str(p) for p in (code, message) if p))
+    more = f" (+{len(data) - 3} more)" if len(data) > 3 else ""
+    return " ".join("; ".join(parts).split()) + more
+
+
 async def _ingest(client: openai.AsyncOpenAI, store: BatchStore, entry: dict[str, Any],
                   cache: CaptionCache, report: BatchReport, policy: RetryPolicy,
-                  secret: str | None) -> None:
+                  secret: str | None, prices: Prices | None = None) -> None:
     """Download output and error files, join by custom_id, commit rows, mark ingested."""
     meta = store.items(entry)
     rows: list[dict[str, Any]] = []
@@ -217,7 +239,8 @@ async def _ingest(client: openai.AsyncOpenAI, store: BatchStore, entry: dict[str
             if response.get("status_code") == 200 and not record.get("error"):
                 try:
                     answer = parse_completion(response.get("body") or {})
-                    rows.append(cache_row(CacheItem(key, **meta[key]), answer, "batch", response.get("request_id")))
+                    rows.append(cache_row(CacheItem(key, **meta[key]), answer, "batch", response.get("request_id"),
+                                          prices=prices))
                     continue
                 except MalformedResponse:
                     pass
@@ -234,9 +257,22 @@ async def _ingest(client: openai.AsyncOpenAI, store: BatchStore, entry: dict[str
         report.completion_tokens += row["completion_tokens"]
         report.usd += row["cost_usd"] or 0.0
     missing = len(meta) - len(seen)
-    report.failed += missing  # expired or cancelled before they ran: resubmitted next time
+    report.failed += missing  # expired, cancelled or failed before they ran: planned again next time
     entry.update(status="ingested", n_succeeded=len(rows), n_missing=missing)
     store.save()
+    await _delete_files(client, entry, secret)
+
+
+async def _delete_files(client: openai.AsyncOpenAI, entry: dict[str, Any], secret: str | None) -> None:
+    """Delete the batch's uploaded input and its output/error files: everything is in the cache."""
+    for file_key in ("input_file_id", "output_file_id", "error_file_id"):
+        file_id = entry.get(file_key)
+        if not file_id:
+            continue
+        try:
+            await client.files.delete(file_id)
+        except openai.APIError as exc:  # best effort: a file left behind costs storage, not money
+            log.info("could not delete batch file %s: %s", file_id, redact(str(exc), secret))
 
 
 async def advance(
@@ -250,6 +286,7 @@ async def advance(
     secret: str | None = None,
     report: BatchReport | None = None,
     on_poll: Callable[[list[dict[str, Any]]], None] | None = None,
+    prices: Prices | None = None,
 ) -> BatchReport:
     """Drive every unfinished entry forward: create, poll, ingest. ``wait=False`` polls once."""
     report = report or BatchReport()
@@ -266,7 +303,11 @@ async def advance(
             entry.update(remote_status=batch.status, request_counts=counts,
                          output_file_id=batch.output_file_id, error_file_id=batch.error_file_id)
             if batch.status in TERMINAL:
-                await _ingest(client, store, entry, cache, report, policy, secret)
+                line = batch_errors_line(batch)
+                if line is not None:
+                    entry["errors"] = line
+                    report.errors.append(redact(f"batch {entry['local_id']} {batch.status}: {line}", secret))
+                await _ingest(client, store, entry, cache, report, policy, secret, prices)
             elif changed:
                 store.save()
         active = store.active()

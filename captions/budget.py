@@ -1,14 +1,15 @@
 """--budget and --max-usd: the one place that says what a run may spend and what counts.
 
-``--budget N`` means "at most N new (uncached) requests": a slice whose answer is free (cached,
-a duplicate of an earlier slice's image, or already inside a pending batch) costs nothing, and
-a fallback re-ask of a refused slice is one more request. ``counts`` and ``reask`` hold that
-rule; the release's selection (slices, in selection order), the engine's plan (requests, in the
-same order) and the sync run's fallback re-asks all ask a ``Budget`` and count nothing
-themselves.
+``--budget N`` means "the first N slices of the selection order": every slice counts, whether
+its answer is free (cached, a duplicate of an earlier slice's image, or inside a pending batch)
+or needs a new request; free ones cost nothing. So the same command rerun (after ``kill -9`` or
+after success) asks for the same N slices and, once they are answered, sends nothing. A fallback
+re-ask of a refused slice belongs to that slice and is not counted again (``--max-usd`` still
+caps it). The release's selection (slices, in selection order) and the engine's plan (requests,
+in the same order) both ask a ``Budget`` and count nothing themselves.
 
-``--max-usd X`` is checked twice against the same object: the plan admits requests while the
-sum of their estimates stays within X, and the sync run sends a request only while reported
+``--max-usd X`` is checked twice against the same object: the plan admits new requests while
+the sum of their estimates stays within X, and the sync run sends a request only while reported
 spend plus the estimates of requests in flight plus its own estimate stays within X.
 """
 
@@ -25,7 +26,7 @@ class Budget:
 
     limit: int | None = None  # --budget
     max_usd: float | None = None  # --max-usd
-    used: int = 0  # slices or requests that counted against ``limit``
+    used: int = 0  # slices taken so far (free or not)
     planned_usd: float = 0.0  # estimates of the requests admitted by ``take``
     spent_usd: float = 0.0  # reported usage of the answers so far (sync run)
     in_flight_usd: float = 0.0  # estimates of the requests on the wire (sync run)
@@ -36,42 +37,29 @@ class Budget:
         return cls(limit=options.budget, max_usd=options.max_usd)
 
     # --budget --------------------------------------------------------------------------
-    @staticmethod
-    def counts(free: bool) -> bool:
-        """Whether a slice spends --budget: only one that needs a new request does."""
-        return not free
-
     def room(self, free: bool = False) -> bool:
         """Whether ``take(free)`` can still succeed on the count (check before estimating)."""
-        return not self.counts(free) or (self.stopped is None and (self.limit is None or self.used < self.limit))
+        return (self.limit is None or self.used < self.limit) and (free or self.stopped is None)
 
     def take(self, free: bool = False, usd: float | None = None) -> bool:
-        """Hold the next slice or request in order, if --budget and --max-usd allow it.
+        """Hold the next slice in order, if --budget and --max-usd allow it.
 
         Args:
-            free: it needs no new request (see the module docstring).
+            free: it needs no new request (cached, duplicate or pending): it still counts
+                toward --budget, but never toward --max-usd.
             usd: its estimated cost, for --max-usd (None: unpriced or not estimated).
 
         Returns:
-            False once either limit is reached; after a --max-usd refusal every later request
-            is refused too, so a cheaper one never jumps the queue.
+            False once either limit is reached; after a --max-usd refusal every later new
+            request is refused too, so a cheaper one never jumps the queue.
         """
-        if not self.counts(free):
-            return True
-        if not self.room():
+        if not self.room(free):
             return False
-        if self.max_usd is not None and usd is not None and self.planned_usd + usd > self.max_usd:
+        if not free and self.max_usd is not None and usd is not None and self.planned_usd + usd > self.max_usd:
             self.stopped = f"--max-usd {self.max_usd:g} reached by estimate"
             return False
         self.used += 1
-        self.planned_usd += usd or 0.0
-        return True
-
-    def reask(self) -> bool:
-        """Hold a fallback re-ask of a refused slice: one more request against --budget."""
-        if self.limit is not None and self.used >= self.limit:
-            return False
-        self.used += 1
+        self.planned_usd += 0.0 if free else usd or 0.0
         return True
 
     @property

@@ -4,6 +4,11 @@ Key = sha256 over (image_sha256, provider, model, prompt_version, generation par
 JSON). WAL journal with ``synchronous=FULL`` and one committed transaction per answer, so a
 ``kill -9`` at any moment keeps every answer that arrived before it. One writer process at a
 time; any number of readers. A committed key is never overwritten: the first paid answer wins.
+
+A file that is not a readable cache (corrupt, truncated, not SQLite, unreadable) raises
+``CacheError`` naming the file and the fault; nothing in it is changed. ``usage`` says whether the
+token counts were reported by the server or estimated (open-model servers that send no usage);
+caches written before that column existed get it added (NULL reads as reported).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from captions.errors import CacheError
 
 COLUMNS: tuple[str, ...] = (
     "key",
@@ -36,6 +43,7 @@ COLUMNS: tuple[str, ...] = (
     "request_id",
     "mode",
     "created_at",
+    "usage",
 )
 
 _SCHEMA = """
@@ -55,7 +63,8 @@ CREATE TABLE IF NOT EXISTS captions (
     cost_usd REAL,
     request_id TEXT,
     mode TEXT,
-    created_at TEXT
+    created_at TEXT,
+    usage TEXT
 )
 """
 _CHUNK = 500  # keys per SELECT ... IN (...), under SQLite's variable limit
@@ -87,12 +96,37 @@ class CaptionCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per answer.
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0,
-                                   check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(_SCHEMA)
+        try:
+            self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0,
+                                       check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+        try:
+            self._db.row_factory = sqlite3.Row
+            # Read before anything is written: a file that is not a database fails here untouched.
+            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if tables and "captions" not in tables:
+                raise CacheError(f"{self.path}: not a caption cache (an SQLite file without a captions "
+                                 "table); move it aside or pass another --workdir")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(captions)")}
+            if "usage" not in columns:
+                self._db.execute("ALTER TABLE captions ADD COLUMN usage TEXT")
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise self._error(exc) from None
+        except CacheError:
+            self._db.close()
+            raise
+
+    def _error(self, exc: sqlite3.Error) -> CacheError:
+        """One line naming the file and the fault (never a traceback)."""
+        fault = " ".join(str(exc).split()) or type(exc).__name__
+        hint = ("; move it aside (a new cache starts empty) or restore a backup"
+                if "not a database" in fault or "malformed" in fault else "")
+        return CacheError(f"{self.path}: caption cache unusable: {fault}{hint}")
 
     def __enter__(self) -> CaptionCache:
         return self
@@ -106,7 +140,10 @@ class CaptionCache:
 
     def _query(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
-            return self._db.execute(sql, tuple(args)).fetchall()
+            try:
+                return self._db.execute(sql, tuple(args)).fetchall()
+            except sqlite3.Error as exc:
+                raise self._error(exc) from None
 
     def __len__(self) -> int:
         return int(self._query("SELECT count(*) FROM captions")[0][0])
@@ -156,17 +193,21 @@ class CaptionCache:
         marks = ",".join("?" * len(COLUMNS))
         with self._lock:
             before = self._db.total_changes
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(
-                    f"INSERT INTO captions ({','.join(COLUMNS)}) VALUES ({marks}) "
-                    "ON CONFLICT(key) DO NOTHING",
-                    values,
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany(
+                        f"INSERT INTO captions ({','.join(COLUMNS)}) VALUES ({marks}) "
+                        "ON CONFLICT(key) DO NOTHING",
+                        values,
+                    )
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise self._error(exc) from None
             return self._db.total_changes - before
 
     def rows(self) -> list[dict[str, Any]]:
@@ -175,7 +216,10 @@ class CaptionCache:
     def to_dataframe(self) -> pd.DataFrame:
         """The whole cache as a DataFrame (``refused`` as bool)."""
         with self._lock:
-            df = pd.read_sql_query("SELECT * FROM captions ORDER BY created_at, key", self._db)
+            try:
+                df = pd.read_sql_query("SELECT * FROM captions ORDER BY created_at, key", self._db)
+            except (sqlite3.Error, pd.errors.DatabaseError) as exc:
+                raise self._error(sqlite3.DatabaseError(str(exc))) from None
         df["refused"] = df["refused"].astype(bool)
         return df
 

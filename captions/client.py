@@ -6,7 +6,10 @@ exponential backoff and jitter, and waits exactly what the server asks when it s
 (``retry-after-ms``, ``retry-after``, "Please try again in 1.5s"). 400/401/403/404 and
 ``insufficient_quota`` are never retried: they raise ``FatalAPIError``, one line, key redacted,
 and the caller stops the run. A 429 also pauses every worker (shared cooldown), so a rate-limited
-server is not hammered by the other workers.
+server is not hammered by the other workers. Without ``--rpm``/``--tpm`` the client paces itself
+from the service's ``x-ratelimit-*`` headers (limit -> rate; remaining nearly spent -> wait for
+the reset), so a run sees few 429s. Error bodies of OpenAI and of open-model servers (vLLM,
+SGLang, Ollama, LMDeploy, FastAPI ``detail``) become one line with a hint where one helps.
 """
 
 from __future__ import annotations
@@ -26,9 +29,12 @@ from openai.types.chat import ChatCompletion
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from captions.errors import FatalAPIError
+from captions.models import completion_params
 from captions.options import RetryPolicy
+from captions.pacing import HeaderPacer, RateLimiter, parse_duration
 
 log = logging.getLogger(__name__)
+RAW_RESPONSE_HEADER = "X-Stainless-Raw-Response"  # the SDK's switch for a response with headers
 
 REFUSAL_PHRASES: tuple[str, ...] = (
     "i'm sorry",
@@ -73,6 +79,12 @@ class Answer:
     completion_tokens: int
     request_id: str | None
     model: str | None
+    usage: str = "reported"  # "estimated" when the server sent no usage (jobs.with_estimated_usage)
+
+    @property
+    def truncated(self) -> bool:
+        """Empty and cut by the completion cap: a reasoning model spent it all on reasoning."""
+        return self.finish_reason == "length" and not self.text.strip()
 
 
 def redact(text: str, secret: str | None = None) -> str:
@@ -92,30 +104,6 @@ def detect_refusal(text: str, finish_reason: str | None, refusal: str | None = N
     return any(phrase in head for phrase in REFUSAL_PHRASES)
 
 
-_DURATION = re.compile(
-    r"(\d+(?:\.\d+)?)\s*(milliseconds?|ms|seconds?|secs?|s|minutes?|mins?|m|hours?|h)(?![a-z])",
-    re.I,
-)
-
-
-def _parse_duration(text: str) -> float | None:
-    """Seconds in "1.5s", "20ms", "6m0s", "2 seconds"; None when there is no duration."""
-    total, found = 0.0, False
-    for number, unit in _DURATION.findall(text):
-        unit = unit.lower()
-        if unit == "ms" or unit.startswith("milli"):
-            scale = 1e-3
-        elif unit.startswith("s"):
-            scale = 1.0
-        elif unit.startswith("m"):
-            scale = 60.0
-        else:
-            scale = 3600.0
-        total += float(number) * scale
-        found = True
-    return total if found else None
-
-
 def retry_after_hint(exc: BaseException) -> float | None:
     """Seconds the server asked us to wait, from headers or the error message."""
     response = getattr(exc, "response", None)
@@ -133,12 +121,35 @@ def retry_after_hint(exc: BaseException) -> float | None:
                     return max(0.0, parsed.timestamp() - time.time())
     message = getattr(exc, "message", None) or str(exc)
     match = re.search(r"try again in\s+(\d[\d.]*\s*[a-z]+(?:\d[\d.]*[a-z]+)*)", message, re.I)
-    return _parse_duration(match.group(1)) if match else None
+    return parse_duration(match.group(1)) if match else None
 
 
 def _error_code(exc: openai.APIStatusError) -> str:
     body = exc.body if isinstance(exc.body, dict) else {}
-    return str(exc.code or body.get("code") or exc.type or body.get("type") or "")
+    for value in (exc.code, body.get("code"), exc.type, body.get("type")):
+        if isinstance(value, str) and value:
+            return value  # vLLM and SGLang put the HTTP status (an int) in "code"
+    return ""
+
+
+def server_message(exc: openai.APIStatusError) -> str:
+    """The server's own words, from any of the error body shapes servers send: OpenAI
+    ``{"error": {"message"}}``, vLLM/SGLang/LMDeploy ``{"object": "error", "message"}``, Ollama
+    ``{"error": "..."}``, FastAPI ``{"detail": "..." | [{"msg"}]}``, or plain text."""
+    body = exc.body
+    if isinstance(body, str) and body.strip():
+        return body
+    if isinstance(body, dict):
+        for key in ("message", "error", "detail", "msg"):
+            value = body.get(key)
+            if isinstance(value, str) and value.strip():
+                return value
+            if isinstance(value, dict) and isinstance(value.get("message"), str):
+                return value["message"]
+            if isinstance(value, list) and value:
+                return "; ".join(str(v.get("msg", v)) if isinstance(v, dict) else str(v) for v in value)
+    message = getattr(exc, "message", "") or ""
+    return re.sub(r"^Error code: \d+( - )?", "", message) or f"HTTP {exc.status_code}"
 
 
 def is_quota_error(exc: BaseException) -> bool:
@@ -160,26 +171,34 @@ def is_retryable(exc: BaseException) -> bool:
     return False
 
 
+_CONTEXT_WORDS = ("context length", "context_length", "context window", "maximum context", "prompt is too long",
+                  "too many tokens", "exceeds the model")
+
+
+def _hint(exc: openai.APIStatusError, code: str, message: str) -> str:
+    text = f"{code} {message}".lower()
+    if is_quota_error(exc):
+        return "the account is out of quota; check plan and billing"
+    if any(w in text for w in _CONTEXT_WORDS):
+        return ("the image and prompt do not fit the model's context window: pass a smaller --image-size "
+                "(fewer image tokens) or --max-tokens, or serve the model with a longer context "
+                "(vLLM: --max-model-len)")
+    if "reasoning_effort" in text or "reasoning effort" in text:
+        return "this model does not take --reasoning-effort, or not this value"
+    return {
+        401: "check OPENAI_API_KEY",
+        403: "the key has no access to this model or endpoint",
+        404: "check --model (the name the server serves) and --base-url (it usually ends in /v1)",
+    }.get(exc.status_code, "")
+
+
 def fatal_error(exc: openai.APIStatusError, secret: str | None) -> FatalAPIError:
     """One-line, key-free error for a non-retryable status."""
     code = _error_code(exc)
-    hint = {
-        401: "check OPENAI_API_KEY",
-        403: "the key has no access to this model or endpoint",
-        404: "check --model and --base-url",
-    }.get(exc.status_code, "")
-    if is_quota_error(exc):
-        hint = "the account is out of quota; check plan and billing"
-    message = redact(getattr(exc, "message", "") or "", secret)
+    message = redact(server_message(exc), secret)
+    hint = _hint(exc, code, message)
     text = f"caption API error {exc.status_code}" + (f" ({code})" if code else "") + f": {message}"
     return FatalAPIError(redact(text + (f" -- {hint}" if hint else ""), secret))
-
-
-def completion_params(model: str, max_tokens: int, temperature: float) -> dict[str, Any]:
-    """Generation kwargs; reasoning models take max_completion_tokens and no temperature."""
-    if re.match(r"^(o\d|gpt-5)", model.rsplit("/", 1)[-1]):
-        return {"max_completion_tokens": max_tokens}
-    return {"max_tokens": max_tokens, "temperature": temperature}
 
 
 def make_openai(api_key: str, base_url: str | None, timeout: float) -> openai.AsyncOpenAI:
@@ -196,10 +215,17 @@ def backoff_wait(policy: RetryPolicy, attempt_number: int, exc: BaseException | 
     return base / 2 + random.uniform(0, base / 2)
 
 
-async def call_with_retry(fn: Any, policy: RetryPolicy, secret: str | None) -> Any:
+class EndpointMissing(FatalAPIError):
+    """The server does not have the endpoint (404/405): e.g. no Files/Batches API."""
+
+
+async def call_with_retry(fn: Any, policy: RetryPolicy, secret: str | None, missing: str | None = None) -> Any:
     """Await ``fn()`` under the retry policy; non-retryable statuses become FatalAPIError.
 
     For the small Batch API calls (upload, create, retrieve, download).
+
+    Args:
+        missing: when set, a 404/405 raises ``EndpointMissing`` with this line instead.
     """
     retrying = AsyncRetrying(
         retry=retry_if_exception(is_retryable),
@@ -217,43 +243,17 @@ async def call_with_retry(fn: Any, policy: RetryPolicy, secret: str | None) -> A
     except openai.APIStatusError as exc:
         if is_retryable(exc):
             raise
+        if missing is not None and exc.status_code in (404, 405):
+            raise EndpointMissing(missing) from None
         raise fatal_error(exc, secret) from None
     raise AssertionError("unreachable")
 
 
-class RateLimiter:
-    """Token bucket refilled at ``per_minute / 60`` units per second; bursts up to 1 s.
-
-    A request costing more than the burst waits for a full bucket and leaves it in debt, so
-    the long-run rate still holds. ``per_minute=None`` disables the limit.
-    """
-
-    def __init__(self, per_minute: float | None) -> None:
-        self.rate = per_minute / 60.0 if per_minute else None
-        self.capacity = max(1.0, self.rate or 1.0)
-        # Start nearly empty: a full bucket would let rate + capacity requests into the first
-        # minute, which a strict server counting a sliding 60 s window answers with 429s.
-        self.level = 1.0
-        self.updated = time.monotonic()
-        self._lock = asyncio.Lock()  # FIFO among waiters
-
-    async def acquire(self, cost: float = 1.0) -> None:
-        if self.rate is None:
-            return
-        async with self._lock:
-            while True:
-                now = time.monotonic()
-                self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
-                self.updated = now
-                need = min(cost, self.capacity)
-                if self.level >= need:
-                    self.level -= cost
-                    return
-                await asyncio.sleep((need - self.level) / self.rate)
-
-
 class CaptionClient:
-    """Sends chat completions for captions; create and use inside one event loop."""
+    """Sends chat completions for captions; create and use inside one event loop.
+
+    ``rpm``/``tpm`` None: paced from the server's x-ratelimit-* headers (``HeaderPacer``).
+    """
 
     def __init__(
         self,
@@ -266,14 +266,18 @@ class CaptionClient:
         rpm: float | None = None,
         tpm: float | None = None,
         retry: RetryPolicy | None = None,
+        reasoning_effort: str | None = None,
     ) -> None:
         self.model = model
+        self.reasoning_effort = reasoning_effort
         self.retry = retry or RetryPolicy()
         self.openai = make_openai(api_key, base_url, timeout)
         self._secret = api_key
         self._sem = asyncio.Semaphore(max(1, concurrency))
         self._rpm = RateLimiter(rpm)
         self._tpm = RateLimiter(tpm)
+        self.pacer = HeaderPacer(self._rpm, self._tpm, paced_requests=rpm is None, paced_tokens=tpm is None,
+                                 concurrency=max(1, concurrency))
         self._cooldown_until = 0.0
         self._stopped = False
         self.attempts = 0  # HTTP requests sent, retries included
@@ -302,7 +306,11 @@ class CaptionClient:
     async def complete(
         self, messages: list[dict[str, Any]], *, max_tokens: int, temperature: float, est_tokens: int
     ) -> Answer:
-        """One caption with retries. Raises FatalAPIError, Stopped or the last retryable error."""
+        """One caption with retries. Raises FatalAPIError, Stopped or the last retryable error.
+
+        Args:
+            max_tokens: the completion cap (for a reasoning model: reasoning plus caption).
+        """
         retrying = AsyncRetrying(
             retry=retry_if_exception(is_retryable),
             wait=self._wait,
@@ -339,12 +347,18 @@ class CaptionClient:
                 # client.post instead of chat.completions.create: same auth, errors and timeout,
                 # minus the SDK's per-request TypedDict transform of the messages, which costs
                 # ~5 ms of CPU per image message and halved throughput in our measurements.
-                completion = await self.openai.post(
+                # The raw-response header keeps the rate-limit headers (parsed below).
+                raw = await self.openai.post(
                     "/chat/completions", cast_to=ChatCompletion,
                     body={"model": self.model, "messages": messages,
-                          **completion_params(self.model, max_tokens, temperature)},
+                          **completion_params(self.model, max_tokens, temperature, self.reasoning_effort)},
+                    options={"headers": {RAW_RESPONSE_HEADER: "true"}},
                 )
-            except (json.JSONDecodeError, ValueError) as exc:  # body that is not JSON
+                hold = self.pacer.update(raw.headers, est_tokens)
+                if hold > 0:
+                    self._cooldown_until = max(self._cooldown_until, time.monotonic() + hold)
+                completion = raw.parse()
+            except (json.JSONDecodeError, ValueError, openai.APIResponseValidationError) as exc:
                 raise MalformedResponse(f"unparseable response: {type(exc).__name__}") from None
         return parse_completion(completion)
 

@@ -18,13 +18,15 @@ from typing import Any
 from captions import batch as batchflow
 from captions.budget import Budget
 from captions.cache import CaptionCache
-from captions.client import Answer, completion_params, make_openai
+from captions.client import Answer, make_openai
 from captions.errors import FatalAPIError
-from captions.jobs import CacheItem, CaptionRequest, Job, cache_row, caption_job
+from captions.images import image_bytes
+from captions.jobs import CacheItem, CaptionRequest, Job, cache_row, caption_job, fallback_version
+from captions.models import completion_params
 from captions.offline import offline_caption
 from captions.options import CaptionOptions
 from captions.plan import CaptionSummary, plan
-from captions.prompts import FALLBACK_PROMPT_VERSION, build_messages
+from captions.prompts import build_messages
 from captions.sync import run_sync
 
 OFFLINE_CHUNK = 1000  # free answers: durable per chunk is enough
@@ -35,7 +37,7 @@ def lookup(requests: Sequence[CaptionRequest], options: CaptionOptions, *,
     """Best cached row per slice_id: an accepted fallback answer, else the primary answer
     (which may be ``refused=True``: never use its text as a caption). Missing slices are absent."""
     pairs = [(req, caption_job(options, req).key,
-              None if options.offline else caption_job(options, req, FALLBACK_PROMPT_VERSION).key)
+              None if options.offline else caption_job(options, req, fallback_version(options)).key)
              for req in requests]
     rows = cache.get_many([k for _, p, f in pairs for k in (p, f) if k])
     out: dict[str, dict[str, Any]] = {}
@@ -119,7 +121,7 @@ async def _run_batch(options: CaptionOptions, requests: Sequence[CaptionRequest]
     """Resume saved batches first, then submit what is neither cached nor pending."""
     secret = options.request_key()
     client = make_openai(secret, options.base_url, options.timeout)
-    flow = dict(poll_interval=options.poll_interval, policy=options.retry, secret=secret)
+    flow = dict(poll_interval=options.poll_interval, policy=options.retry, secret=secret, prices=options.prices)
     report = batchflow.BatchReport()
     try:
         # Batches of an earlier (possibly killed) run are polled and ingested, never resent.
@@ -133,9 +135,11 @@ async def _run_batch(options: CaptionOptions, requests: Sequence[CaptionRequest]
 
         def body(item: CacheItem) -> dict[str, Any]:
             job = by_key[item.key]
-            messages = build_messages(job.req, job.req.image_path.read_bytes(), options.detail, version=job.version)
+            messages = build_messages(job.req, image_bytes(job.req.image_path, options.image_size), options.detail,
+                                      version=options.template(job.version))
             return {"model": options.model, "messages": messages,
-                    **completion_params(options.model, options.max_tokens, options.temperature)}
+                    **completion_params(options.model, options.completion_cap, options.temperature,
+                                        options.reasoning_effort)}
 
         batchflow.write_inputs(store, (j.item for j in by_key.values()), body)
         await batchflow.advance(client, store, db, wait=options.batch_wait, report=report, **flow)

@@ -1,4 +1,4 @@
-"""The error a caption run stops with, importable without the openai SDK (the CLI catches it)."""
+"""The errors a caption run stops with, importable without the openai SDK (the CLI catches them)."""
 
 
 class FatalAPIError(RuntimeError):
@@ -6,3 +6,11 @@ class FatalAPIError(RuntimeError):
 
     Raised by a run, it carries the counts so far in ``summary`` (a ``CaptionSummary``).
     """
+
+
+class CacheError(RuntimeError):
+    """The caption cache cannot be read or written; one line naming the file and the fault."""
+
+
+class RunLocked(RuntimeError):
+    """Another paying caption run holds the workdir's lock; the message names the holder."""

@@ -2,7 +2,10 @@
 without a key (stdlib only; the tests reach it through the ``tests/fake_openai.py`` fixtures).
 
 Speaks just enough of the API: POST /v1/chat/completions (validates the PNG data URL), POST
-/v1/files (multipart), GET /v1/files/{id}[/content], POST /v1/batches, GET /v1/batches[/{id}].
+/v1/files (multipart), GET /v1/files/{id}[/content], DELETE /v1/files/{id}, POST /v1/batches,
+GET /v1/batches[/{id}]. What a chat request gets back (strict reasoning-model checks, reasoning
+tokens, open-model flavours) is ``captions.fake_answers``. With ``rpm_limit`` every answer
+carries x-ratelimit-* headers. ``batch_api=False`` is a server without Files/Batches (vLLM).
 Answers are deterministic functions of the image bytes (and of which prompt was used), so runs
 can be compared. Faults are injected per request: scripted by request number, or drawn from a
 seeded hash of (request signature, attempt) for a signature's first attempts only, so every
@@ -14,10 +17,8 @@ request eventually succeeds. Every request is recorded; GET /_log returns the re
 from __future__ import annotations
 
 import argparse
-import base64
 import email.parser
 import email.policy
-import hashlib
 import json
 import socket
 import threading
@@ -27,6 +28,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from captions.fake_answers import chat_answer, error_body, unit
 
 FAULTS = ("429_header", "429_ms", "429_message", "500", "503", "slow", "malformed", "text_plain",
           "insufficient_quota", "401", "400")
@@ -50,12 +53,18 @@ class FakeConfig:
     fatal_after: int = 0
     rpm_limit: float | None = None  # server-side limit (sliding 60 s window)
     batch_delay: float = 0.3  # seconds from batches.create until the batch is completed
-
-
-def _unit(*parts: Any) -> float:
-    digest = hashlib.sha256(json.dumps(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
+    rate_window: float = 60.0  # seconds of the rpm_limit window (headers report it per minute)
+    # Open-model servers: error-body shape, usage ("full", "zero" or "none"), the models served
+    # (None: any), a context length (None: unlimited), and whether Files/Batches exist.
+    flavor: str = "openai"
+    usage: str = "full"
+    served_models: list[str] | None = None
+    context_length: int | None = None
+    batch_api: bool = True
+    batch_list: bool = True  # GET /v1/batches (list) supported
+    batch_fail: str | None = None  # error code a batch fails with (e.g. "token_limit_exceeded")
+    batch_fail_count: int = 1  # how many batches fail that way
+    reasoning_tokens: dict[str, int] | None = None  # per effort, over fake_answers.REASONING_TOKENS
 
 class FakeOpenAI:
     """The server state; ``start()`` serves it from a background thread."""
@@ -68,6 +77,7 @@ class FakeOpenAI:
         self.files: dict[str, dict[str, Any]] = {}
         self.batches: dict[str, dict[str, Any]] = {}
         self.window: deque[float] = deque()
+        self.failed_batches = 0
         self.in_flight = 0
         self.max_in_flight = 0
         self.httpd: ThreadingHTTPServer | None = None
@@ -123,7 +133,7 @@ class FakeOpenAI:
             self.attempts[signature] = attempt + 1
         if attempt >= cfg.max_faults_per_key:
             return None
-        u, acc = _unit(cfg.seed, signature, attempt), 0.0
+        u, acc = unit(cfg.seed, signature, attempt), 0.0
         for name, p in sorted(cfg.faults.items()):
             acc += p
             if u < acc:
@@ -132,70 +142,34 @@ class FakeOpenAI:
 
     def answer(self, body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, Any]]:
         """(status, json, info) for a chat request body, without faults or latency."""
-        try:
-            model = body["model"]
-            texts, images, details = [], [], []
-            for message in body["messages"]:
-                content = message["content"]
-                parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-                for part in parts:
-                    if part["type"] == "text":
-                        texts.append(part["text"])
-                    elif part["type"] == "image_url":
-                        url = part["image_url"]["url"]
-                        details.append(part["image_url"].get("detail", "auto"))
-                        prefix = "data:image/png;base64,"
-                        if not url.startswith(prefix):
-                            raise ValueError("image_url is not a PNG data URL")
-                        png = base64.b64decode(url[len(prefix):], validate=True)
-                        if not png.startswith(b"\x89PNG\r\n\x1a\n"):
-                            raise ValueError("image is not a PNG")
-                        images.append(hashlib.sha256(png).hexdigest())
-            if len(images) != 1 or details[0] not in ("low", "high", "auto"):
-                raise ValueError("expected exactly one image with detail low|high|auto")
-        except (KeyError, TypeError, ValueError) as exc:
-            return 400, _error(f"Invalid request: {exc}", "invalid_request_error", "invalid_image"), {}
-        image_sha = images[0]
-        text = "\n".join(texts)
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-        signature = hashlib.sha256(json.dumps(
-            [model, image_sha, text, max_tokens, body.get("temperature"), details[0]]).encode()).hexdigest()
-        fallback = "educational" in text
-        info = {"image_sha256": image_sha, "signature": signature, "fallback": fallback, "text": text}
-        refuse = _unit("refuse", image_sha) < self.config.refuse and (not fallback or self.config.refuse_fallback)
-        message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
-        if refuse and int(image_sha[0], 16) % 2:
-            message["refusal"] = "I'm sorry, I can't assist with that request."
-        elif refuse:
-            message["content"] = "I'm sorry, but I can't help with analyzing this medical image."
-        else:
-            kind = "Anatomy description" if fallback else "Synthetic caption"
-            message["content"] = (f"{kind} {image_sha[:12]}: a grayscale cross-sectional slice with a "
-                                  f"bright central structure and darker surroundings.")
-        info["refused"] = refuse
-        prompt_tokens = len(text) // 4 + (255 if details[0] == "high" else 85)
-        completion_tokens = len(message["content"] or message["refusal"]) // 4
-        return 200, {
-            "id": "chatcmpl-" + uuid.uuid4().hex[:24], "object": "chat.completion",
-            "created": int(time.time()), "model": model, "system_fingerprint": "fp_fake",
-            "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-        }, info
+        return chat_answer(self.config, body)
 
     def rate_limited(self) -> float | None:
         """Seconds until a slot frees up, if the server-side limit is hit."""
         limit = self.config.rpm_limit
         if not limit:
             return None
-        now = time.monotonic()
+        now, span = time.monotonic(), self.config.rate_window
         with self.lock:
-            while self.window and now - self.window[0] >= 60.0:
+            while self.window and now - self.window[0] >= span:
                 self.window.popleft()
             if len(self.window) >= limit:
-                return 60.0 - (now - self.window[0])
+                return span - (now - self.window[0])
             self.window.append(now)
         return None
+
+    def ratelimit_headers(self) -> dict[str, str]:
+        """x-ratelimit-* headers as OpenAI sends them (limits per minute)."""
+        limit = self.config.rpm_limit
+        if not limit:
+            return {}
+        now, span = time.monotonic(), self.config.rate_window
+        with self.lock:
+            live = [t for t in self.window if now - t < span]
+        reset = span - (now - live[0]) if live else 0.0
+        return {"x-ratelimit-limit-requests": f"{limit * 60.0 / span:g}",
+                "x-ratelimit-remaining-requests": str(max(0, int(limit) - len(live))),
+                "x-ratelimit-reset-requests": f"{max(reset, 0.001) * 1000:.0f}ms"}
 
     # -- batches -----------------------------------------------------------------------------
     def add_file(self, data: bytes, purpose: str, filename: str) -> dict[str, Any]:
@@ -211,11 +185,18 @@ class FakeOpenAI:
             batch = self.batches.get(batch_id)
         if batch is None:
             return None
-        if batch["status"] != "completed":
-            if time.monotonic() - batch["_t0"] >= self.config.batch_delay:
-                self._run_batch(batch)
-            else:
+        if batch["status"] not in ("completed", "failed"):
+            if time.monotonic() - batch["_t0"] < self.config.batch_delay:
                 batch["status"] = "in_progress"
+            elif self.config.batch_fail and self.failed_batches < self.config.batch_fail_count:
+                self.failed_batches += 1
+                message = ("Enqueued token limit reached for gpt-4o in organization org-fake. Limit: "
+                           "90,000 enqueued tokens. Please try submitting an input file with fewer "
+                           "tokens, or wait for your in-progress batches to complete.")
+                batch.update(status="failed", failed_at=int(time.time()), errors={"object": "list", "data": [
+                    {"code": self.config.batch_fail, "message": message, "param": None, "line": None}]})
+            else:
+                self._run_batch(batch)
         return {k: v for k, v in batch.items() if not k.startswith("_")}
 
     def _run_batch(self, batch: dict[str, Any]) -> None:
@@ -247,7 +228,7 @@ _FAULT_STATUS = {"server_rate_limit": 429, "429_header": 429, "429_ms": 429, "42
 
 
 def _error(message: str, type_: str, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return error_body("openai", 0, message, type_, code)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -299,7 +280,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, self.fake.log)
             return
         parts = path.strip("/").split("/")
-        if parts[:2] == ["v1", "files"] and len(parts) >= 3 and parts[2] in self.fake.files:
+        cfg = self.fake.config
+        if parts[:2] in (["v1", "files"], ["v1", "batches"]) and not cfg.batch_api:
+            self._send(404, error_body(cfg.flavor, 404, f"Not Found: {path}"))
+        elif parts == ["v1", "batches"] and not cfg.batch_list:
+            self._send(405, error_body(cfg.flavor, 405, "Method Not Allowed"))
+        elif parts[:2] == ["v1", "files"] and len(parts) >= 3 and parts[2] in self.fake.files:
             entry = self.fake.files[parts[2]]
             if len(parts) == 4 and parts[3] == "content":
                 self._send(200, entry["data"], content_type="application/octet-stream")
@@ -327,6 +313,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if path == "/v1/chat/completions":
             self._chat(raw)
+        elif path in ("/v1/files", "/v1/batches") and not self.fake.config.batch_api:
+            self._record(status=404, fault=None)
+            self._send(404, error_body(self.fake.config.flavor, 404, f"Not Found: {path}"))
         elif path == "/v1/files":
             self._upload(raw)
         elif path == "/v1/batches":
@@ -347,6 +336,18 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._record(status=404, fault=None)
             self._send(404, _error(f"Unknown path {path}", "invalid_request_error"))
+
+    def do_DELETE(self) -> None:
+        path = self.path.split("?")[0]
+        parts = path.strip("/").split("/")
+        if parts[:2] == ["v1", "files"] and len(parts) == 3 and parts[2] in self.fake.files:
+            with self.fake.lock:
+                del self.fake.files[parts[2]]
+            self._record(status=200, fault=None, file_id=parts[2])
+            self._send(200, {"id": parts[2], "object": "file", "deleted": True})
+        else:
+            self._record(status=404, fault=None)
+            self._send(404, _error(f"No such file: {path}", "invalid_request_error"))
 
     def _upload(self, raw: bytes) -> None:
         header = f"Content-Type: {self.headers.get('Content-Type')}\r\n\r\n".encode()
@@ -390,7 +391,7 @@ class _Handler(BaseHTTPRequestHandler):
         cfg = self.fake.config
         rate_msg = "Rate limit reached for requests on tokens per min (TPM): Limit 30000."
         if fault is None:
-            self._send(status, body)
+            self._send(status, body, self.fake.ratelimit_headers() if status == 200 else None)
             return status
         if fault == "server_rate_limit":
             self._send(429, _error(rate_msg, "requests", "rate_limit_exceeded"),
@@ -440,10 +441,15 @@ def main() -> None:
     parser.add_argument("--refuse", type=float, default=0.0)
     parser.add_argument("--batch-delay", type=float, default=0.3)
     parser.add_argument("--fault", action="append", default=[], help="NAME=PROBABILITY, e.g. 500=0.1")
+    parser.add_argument("--flavor", default="openai", choices=("openai", "vllm", "ollama", "fastapi"))
+    parser.add_argument("--usage", default="full", choices=("full", "zero", "none"))
+    parser.add_argument("--no-batch-api", action="store_true", help="no Files/Batches endpoints (like vLLM)")
+    parser.add_argument("--context-length", type=int, default=None)
     args = parser.parse_args()
     faults = {name: float(p) for name, p in (f.split("=") for f in args.fault)}
     config = FakeConfig(api_key=args.api_key, latency=args.latency, faults=faults, refuse=args.refuse,
-                        rpm_limit=args.rpm_limit, batch_delay=args.batch_delay)
+                        rpm_limit=args.rpm_limit, batch_delay=args.batch_delay, flavor=args.flavor,
+                        usage=args.usage, batch_api=not args.no_batch_api, context_length=args.context_length)
     fake = FakeOpenAI(config).start(args.port)
     print(f"fake OpenAI server at {fake.base_url}", flush=True)
     try:

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from captions.cache import cache_key
 from captions.client import Answer
-from captions.cost import Estimate, cost_usd
+from captions.cost import CHARS_PER_TOKEN, Estimate, Prices, cost_usd, listed
 from captions.offline import OFFLINE_PROMPT_VERSION
 from captions.options import CaptionOptions
-from captions.prompts import PROMPT_VERSION, context_fields, prompt_digest
+from captions.prompts import context_fields, prompt_digest, visible_context
 
 
 @dataclass
@@ -64,26 +65,56 @@ class Job:
 
 def primary_version(options: CaptionOptions) -> str:
     """The prompt version asked first (the fallback prompt is only for re-asks)."""
-    return OFFLINE_PROMPT_VERSION if options.offline else PROMPT_VERSION
+    return OFFLINE_PROMPT_VERSION if options.offline else options.primary_template.version
+
+
+def fallback_version(options: CaptionOptions) -> str:
+    """The prompt version of --retry-refused re-asks."""
+    return options.fallback_template.version
 
 
 def _params(options: CaptionOptions, context: dict[str, Any], version: str) -> dict[str, Any]:
+    # Options added after the first caches enter the key only when not at their defaults, so
+    # an older cache still hits.
     if options.offline:
         fields = json.dumps(context_fields(context), sort_keys=True)
-        return {"context_sha256": hashlib.sha256(fields.encode()).hexdigest()}
-    return {"detail": options.detail, "max_tokens": options.max_tokens, "temperature": options.temperature,
-            "prompt_sha256": prompt_digest(context, version)}
+        params: dict[str, Any] = {"context_sha256": hashlib.sha256(fields.encode()).hexdigest()}
+        if options.context != "labels":
+            params["context"] = options.context  # hidden labels read like absent ones
+        return params
+    params = {"detail": options.detail, "max_tokens": options.max_tokens, "temperature": options.temperature,
+              "prompt_sha256": prompt_digest(context, options.template(version))}
+    if options.reasoning_effort is not None:
+        params["reasoning_effort"] = options.reasoning_effort
+        params["completion_cap"] = options.completion_cap
+    if options.image_size is not None:
+        params["image_size"] = options.image_size
+    return params
 
 
 def caption_job(options: CaptionOptions, req: CaptionRequest, version: str | None = None) -> Job:
-    """The job for one request under ``options`` (prompt ``version``, default the primary one)."""
+    """The job for one request under ``options`` (prompt ``version``, default the primary one).
+
+    The job's request carries only the context that ``options.context`` lets through.
+    """
     version = version or primary_version(options)
+    if options.context != "labels":
+        req = replace(req, context=visible_context(req.context, options.context))
     params = _params(options, req.context, version)
     key = cache_key(req.image_sha256, options.provider, options.model, version, params)
     return Job(CacheItem(key, req.slice_id, req.image_sha256, options.provider, options.model, version, params), req)
 
 
-def cache_row(item: CacheItem, answer: Answer, mode: str, request_id: str | None = None) -> dict[str, Any]:
+def with_estimated_usage(answer: Answer, input_tokens: int) -> Answer:
+    """An answer whose server reported no (or zero) usage, with estimated token counts."""
+    if answer.prompt_tokens or answer.completion_tokens:
+        return answer
+    output = math.ceil(len(answer.text) / CHARS_PER_TOKEN) if answer.text else 0
+    return replace(answer, prompt_tokens=input_tokens, completion_tokens=output, usage="estimated")
+
+
+def cache_row(item: CacheItem, answer: Answer, mode: str, request_id: str | None = None,
+              prices: Prices | None = None) -> dict[str, Any]:
     """The cache row of one answer (``created_at`` is stamped by the cache when it commits).
 
     Args:
@@ -91,11 +122,17 @@ def cache_row(item: CacheItem, answer: Answer, mode: str, request_id: str | None
         answer: the parsed answer (the offline captioner builds one too).
         mode: "sync", "batch" (half price) or "offline" (free).
         request_id: the server's id when it comes apart from the answer (batch output lines).
+        prices: ``--prices`` entries. Estimated usage is priced from them only: a server that
+            reports no usage is not OpenAI, whatever the model is called.
     """
     if mode == "offline":
         usd: float | None = 0.0
+    elif answer.usage == "estimated":
+        usd = (cost_usd(item.model, answer.prompt_tokens, answer.completion_tokens, batch=mode == "batch",
+                        prices=prices) if prices and listed(item.model, prices) else None)
     else:
-        usd = cost_usd(item.model, answer.prompt_tokens, answer.completion_tokens, batch=mode == "batch")
+        usd = cost_usd(item.model, answer.prompt_tokens, answer.completion_tokens, batch=mode == "batch",
+                       prices=prices)
     return {
         "key": item.key, "slice_id": item.slice_id, "image_sha256": item.image_sha256,
         "provider": item.provider, "text": answer.text, "model": answer.model or item.model,
@@ -103,4 +140,6 @@ def cache_row(item: CacheItem, answer: Answer, mode: str, request_id: str | None
         "finish_reason": answer.finish_reason, "refused": answer.refused,
         "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
         "cost_usd": usd, "request_id": request_id or answer.request_id, "mode": mode,
+        "usage": answer.usage,
     }
+

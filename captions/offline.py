@@ -44,6 +44,8 @@ def offline_caption(context: dict[str, Any]) -> str:
     region_text = f" of the {str(region).lower()}" if region else ""
     if structures:
         shown = f", showing the {_join(structures)}."
+    elif "labels_present" not in context:  # --context metadata: labels hidden, not absent
+        shown = "."
     else:
         shown = ", with no annotated structures in view."
     return f"{head}{region_text}{where}{shown}"

@@ -14,9 +14,10 @@ from typing import Any
 from captions.budget import Budget
 from captions.cache import CaptionCache
 from captions.cost import Estimate, estimate_request, png_size
-from captions.jobs import CaptionRequest, Job, caption_job
+from captions.images import scaled_size
+from captions.jobs import CaptionRequest, Job, caption_job, fallback_version
 from captions.options import CaptionOptions
-from captions.prompts import FALLBACK_PROMPT_VERSION, prompt_texts
+from captions.prompts import prompt_texts
 
 
 @dataclass
@@ -35,6 +36,7 @@ class CaptionSummary:
     sent: int = 0
     succeeded: int = 0
     refused: int = 0
+    truncated: int = 0  # empty answers cut by the completion cap (reasoning used it all)
     failed: int = 0
     http_requests: int = 0  # attempts on the wire, retries included
     est_prompt_tokens: int = 0
@@ -43,6 +45,7 @@ class CaptionSummary:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     usd_actual: float | None = 0.0
+    usage_estimated: int = 0  # answers without usage from the server: tokens estimated
     elapsed_s: float = 0.0
     stopped: str | None = None
     errors: list[str] = field(default_factory=list)
@@ -57,9 +60,11 @@ def estimate(options: CaptionOptions, job: Job) -> Estimate:
         width, height = png_size(job.req.image_path)
     except OSError:
         width, height = 512, 512  # unreadable now; the send will report it
-    system, user = prompt_texts(job.req.context, job.version)
+    width, height = scaled_size(width, height, options.image_size)
+    system, user = prompt_texts(job.req.context, options.template(job.version))
     return estimate_request(options.model, text_chars=len(system) + len(user), width=width, height=height,
-                            detail=options.detail, max_tokens=options.max_tokens, batch=options.mode == "batch")
+                            detail=options.detail, max_tokens=options.completion_cap,
+                            batch=options.mode == "batch", prices=options.prices)
 
 
 def plan(
@@ -83,7 +88,7 @@ def plan(
     reask = options.retry_refused and not options.offline
     refused = cache.refused_flags(j.key for j in primary)
     # With --retry-refused a refused answer is replaced by its fallback request.
-    retries = {j.key: caption_job(options, j.req, FALLBACK_PROMPT_VERSION)
+    retries = {j.key: caption_job(options, j.req, fallback_version(options))
                for j in primary if reask and refused.get(j.key)}
     fallback_cached = cache.cached_keys(j.key for j in retries.values()) if retries else set()
     selected: list[Job] = []

@@ -3,6 +3,12 @@
 A prompt sees the slice pixels plus coarse context only (modality, plane, position in words,
 body region, structures from ground-truth labels). Never file paths, ids or PHI. Changing a
 template's wording means a new version string: the version is part of the cache key.
+
+``--context`` says which ground truth a prompt carries: ``labels`` (everything above, the
+default), ``metadata`` (no label structures, so captions are independent of the labels) or
+``none`` (the image alone). Each level has its own built-in templates (and versions).
+``--prompt-file`` replaces the primary template with the user's (``load_prompt_file``): its
+version is "file-" plus the hash of the file, so editing it never reuses an old answer.
 """
 
 from __future__ import annotations
@@ -11,11 +17,20 @@ import base64
 import functools
 import hashlib
 import json
+import string
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 PROMPT_VERSION = "v1"
 FALLBACK_PROMPT_VERSION = "v1-fallback"  # used by --retry-refused
+CONTEXTS = ("labels", "metadata", "none")
+# The context fields each --context level lets a prompt (and the offline captioner) see.
+CONTEXT_FIELDS: dict[str, tuple[str, ...]] = {
+    "labels": ("modality", "plane", "level", "body_region", "structures"),
+    "metadata": ("modality", "plane", "level", "body_region"),
+    "none": (),
+}
 
 
 @dataclass(frozen=True)
@@ -27,38 +42,95 @@ class PromptTemplate:
     user: str  # formatted with the keys of ``context_fields``
 
 
+_SYSTEM = (
+    "You are an experienced radiologist writing captions for a de-identified research "
+    "dataset of 2D slices cut from 3D CT and MRI volumes. Describe only what is visible: "
+    "the imaging plane and modality, the anatomical level, the main organs and "
+    "structures, and any obvious abnormality. Do not guess patient identity or history. "
+    "Answer with one plain paragraph of 2-4 sentences, without preamble."
+)
+_FALLBACK_SYSTEM = (
+    "You help build an educational anatomy dataset from de-identified, publicly "
+    "available research scans. This is not a request for medical advice or a "
+    "diagnosis. Describe, in neutral textbook language, the anatomical structures "
+    "visible in the image and the plane and level of the cut. Answer with one plain "
+    "paragraph of 2-3 sentences."
+)
 TEMPLATES: dict[str, PromptTemplate] = {
-    PROMPT_VERSION: PromptTemplate(
-        version=PROMPT_VERSION,
-        system=(
-            "You are an experienced radiologist writing captions for a de-identified research "
-            "dataset of 2D slices cut from 3D CT and MRI volumes. Describe only what is visible: "
-            "the imaging plane and modality, the anatomical level, the main organs and "
-            "structures, and any obvious abnormality. Do not guess patient identity or history. "
-            "Answer with one plain paragraph of 2-4 sentences, without preamble."
-        ),
-        user=(
+    t.version: t for t in (
+        PromptTemplate(PROMPT_VERSION, _SYSTEM, (
             "Dataset metadata (may be incomplete): modality: {modality}; plane: {plane}; "
             "level: {level}; body region: {body_region}; annotated structures in this slice: "
-            "{structures}.\nWrite the caption for this slice."
-        ),
-    ),
-    FALLBACK_PROMPT_VERSION: PromptTemplate(
-        version=FALLBACK_PROMPT_VERSION,
-        system=(
-            "You help build an educational anatomy dataset from de-identified, publicly "
-            "available research scans. This is not a request for medical advice or a "
-            "diagnosis. Describe, in neutral textbook language, the anatomical structures "
-            "visible in the image and the plane and level of the cut. Answer with one plain "
-            "paragraph of 2-3 sentences."
-        ),
-        user=(
+            "{structures}.\nWrite the caption for this slice.")),
+        PromptTemplate(FALLBACK_PROMPT_VERSION, _FALLBACK_SYSTEM, (
             "Known from the dataset: {modality} image, {plane} plane, {level} level, body "
             "region {body_region}, labelled structures: {structures}.\n"
-            "Describe the visible anatomy."
-        ),
-    ),
+            "Describe the visible anatomy.")),
+        PromptTemplate("v1-metadata", _SYSTEM, (
+            "Dataset metadata (may be incomplete): modality: {modality}; plane: {plane}; "
+            "level: {level}; body region: {body_region}.\nWrite the caption for this slice.")),
+        PromptTemplate("v1-fallback-metadata", _FALLBACK_SYSTEM, (
+            "Known from the dataset: {modality} image, {plane} plane, {level} level, body "
+            "region {body_region}.\nDescribe the visible anatomy.")),
+        PromptTemplate("v1-none", _SYSTEM, "Write the caption for this slice."),
+        PromptTemplate("v1-fallback-none", _FALLBACK_SYSTEM, "Describe the visible anatomy."),
+    )
 }
+
+
+def builtin_version(context: str = "labels", fallback: bool = False) -> str:
+    """The built-in template version for a --context level (primary or fallback)."""
+    base = FALLBACK_PROMPT_VERSION if fallback else PROMPT_VERSION
+    return base if context == "labels" else f"{base}-{context}"
+
+
+def load_prompt_file(path: str | Path, context: str = "labels") -> PromptTemplate:
+    """The user's template from ``--prompt-file``: an optional system message, a line ``---``,
+    then the user text (without ``---`` the whole file is the user text and the built-in system
+    message is kept). Placeholders: those of ``CONTEXT_FIELDS[context]``.
+
+    Raises:
+        ValueError: one line naming the file and the fault (unreadable, empty, unknown
+            placeholder, or one the --context level leaves out).
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the prompt file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: the prompt file is not UTF-8 text") from None
+    lines = text.splitlines()
+    if "---" in (line.strip() for line in lines):
+        cut = [line.strip() for line in lines].index("---")
+        system, user = "\n".join(lines[:cut]).strip(), "\n".join(lines[cut + 1:]).strip()
+    else:
+        system, user = _SYSTEM, text.strip()
+    if not user or not system:
+        raise ValueError(f"{path}: the prompt file has an empty {'system' if user else 'user'} part")
+    allowed = CONTEXT_FIELDS[context]
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(user) if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"{path}: bad placeholder syntax ({exc}); write literal braces as {{{{ }}}}") from None
+    for name in names:
+        if name not in CONTEXT_FIELDS["labels"]:
+            raise ValueError(f"{path}: unknown placeholder {{{name}}}; known: "
+                             + ", ".join("{" + f + "}" for f in CONTEXT_FIELDS["labels"]))
+        if name not in allowed:
+            raise ValueError(f"{path}: uses {{{name}}}, which --context {context} leaves out")
+    return PromptTemplate("file-" + hashlib.sha256(raw).hexdigest()[:16], system, user)
+
+
+def visible_context(context: dict[str, Any], level: str) -> dict[str, Any]:
+    """The part of a slice's context that a --context level lets through (labels: all of it)."""
+    if level == "labels":
+        return context
+    if level == "metadata":
+        return {k: v for k, v in context.items() if k != "labels_present"}
+    return {}
+
 
 # Position along the plane's normal increases toward R, A, S (see the manifest contract).
 _POSITION_WORDS: dict[str, tuple[str, str, str]] = {
@@ -100,28 +172,32 @@ def context_fields(context: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def prompt_texts(context: dict[str, Any], version: str = PROMPT_VERSION) -> tuple[str, str]:
+def template_of(version: str | PromptTemplate) -> PromptTemplate:
+    """A template object, from itself or a built-in version string."""
+    return version if isinstance(version, PromptTemplate) else TEMPLATES[version]
+
+
+def prompt_texts(context: dict[str, Any], version: str | PromptTemplate = PROMPT_VERSION) -> tuple[str, str]:
     """(system, user) texts of a template rendered for one slice."""
-    template = TEMPLATES[version]
+    template = template_of(version)
     return template.system, template.user.format(**context_fields(context))
 
 
-def prompt_digest(context: dict[str, Any], version: str = PROMPT_VERSION) -> str:
+def prompt_digest(context: dict[str, Any], version: str | PromptTemplate = PROMPT_VERSION) -> str:
     """sha256 of the rendered prompt text: the cache key covers what was actually asked."""
-    return _digest(version, tuple(sorted(context_fields(context).items())))
+    return _digest(template_of(version), tuple(sorted(context_fields(context).items())))
 
 
 @functools.lru_cache(maxsize=4096)
-def _digest(version: str, fields: tuple[tuple[str, str], ...]) -> str:
+def _digest(template: PromptTemplate, fields: tuple[tuple[str, str], ...]) -> str:
     # Coarse contexts repeat across thousands of slices; rendering once each keeps a rerun
     # over 50,000 cached rows fast.
-    template = TEMPLATES[version]
     user = template.user.format(**dict(fields))
-    return hashlib.sha256(json.dumps([version, template.system, user]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([template.version, template.system, user]).encode()).hexdigest()
 
 
 def build_messages(
-    req: Any, image_bytes: bytes, detail: str = "low", *, version: str = PROMPT_VERSION
+    req: Any, image_bytes: bytes, detail: str = "low", *, version: str | PromptTemplate = PROMPT_VERSION
 ) -> list[dict[str, Any]]:
     """Chat-completions messages for one slice: system text, then user text plus the PNG.
 
@@ -129,7 +205,7 @@ def build_messages(
         req: a ``CaptionRequest`` (only ``req.context`` is read; no ids or paths).
         image_bytes: the PNG file bytes.
         detail: "low", "high" or "auto" (OpenAI image detail).
-        version: prompt template version.
+        version: prompt template (or a built-in version string).
     """
     system, user = prompt_texts(req.context, version)
     url = "data:image/png;base64," + base64.b64encode(image_bytes).decode("ascii")

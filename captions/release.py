@@ -1,14 +1,18 @@
 """`curate caption`: ranked slices -> rendered PNGs -> captions (cached) -> release manifest.
 
-Slices are taken in ``selection_order`` (from `curate rank`); PNGs are rendered only for the
-slices a run may use, in chunks, until the run's ``Budget`` is full (``captions.budget`` says
-what counts). The release manifest (``manifests/v1.parquet``) is immutable: one row per
-captioned slice, self-contained for training, with a subject-wise deterministic 7:1:2 split.
+Slices are taken in ``selection_order`` (from `curate rank`); ``--budget N`` keeps the first N
+(``captions.budget`` says what counts) and PNGs are rendered only for those. The release
+manifest (``manifests/v1.parquet``) is immutable: one row per captioned slice, self-contained for
+training, with a subject-wise deterministic 7:1:2 split. When it exists already, a run that would
+write exactly the same rows without a new request says so and succeeds; anything else needs a
+new ``--out``, and is refused before anything is paid. A paying run holds the workdir's
+``RunLock`` from planning to the release write, so two runs never pay for one slice twice.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,14 +21,14 @@ import pandas as pd
 
 from curation.fsutil import atomic_path
 from curation.layout import Workdir
-from curation.splits import assign_splits
+from curation.splits import case_splits
 from curation.manifest import RELEASE_SCHEMA, RELEASE_VOLUME_COLUMNS, next_release_path, read_manifest, write_manifest
 from curation.render import render_slices
 
-from .budget import Budget
 from .cache import CaptionCache
 from .engine import lookup, run_captions
 from .jobs import CaptionRequest
+from .lock import RunLock
 from .options import CaptionOptions
 from .plan import CaptionSummary
 
@@ -38,6 +42,7 @@ class ReleaseResult:
     rows: int = 0
     refused: int = 0
     splits: dict[str, int] = field(default_factory=dict)
+    unchanged: bool = False  # ``out`` already held exactly this release; nothing was written
 
 
 def _context(row: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +101,7 @@ def run_release(
     *,
     progress: Callable[[str, int, int], None] | None = None,
     on_update: Callable[[CaptionSummary], None] | None = None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> ReleaseResult:
     """Select, render, caption (within the budget) and write the release manifest.
 
@@ -105,61 +111,95 @@ def run_release(
         progress: ``progress(stage, done, total)`` for rendering and captioning.
         on_update: ``on_update(summary)`` with the engine's live counts (cache hits, failures,
             tokens, USD) while captioning.
+        on_wait: told (one line) that another run holds the workdir, before ``--wait`` waits.
+
+    Raises:
+        RunLocked: another run holds the workdir and ``options.wait`` is False.
+        FileExistsError: ``out`` holds a different release (nothing was sent).
+        CacheError: the caption cache is unusable (nothing was changed).
     """
     workdir = Path(workdir)
     wd = Workdir(workdir)
     out = Path(options.out) if options.out else wd.release(1)
     if not out.is_absolute() and not str(out).startswith(str(workdir)):
         out = workdir / out
-    if out.exists() and not options.dry_run:
-        raise FileExistsError(
-            f"{out} exists and release manifests are immutable; pass --out {next_release_path(workdir).relative_to(workdir)}"
-        )
     cands, volumes = candidate_slices(workdir, options.all_slices)
+    # A case's split is a property of the subject, decided over every volume of the workdir
+    # (identical scans under two cases share one), so `train finetune` sees the same split.
+    splits = case_splits(read_manifest(wd.volumes_manifest))
+    if options.budget is not None:
+        cands = cands.iloc[: max(0, options.budget)]
     wd.cache.mkdir(parents=True, exist_ok=True)
-    db = CaptionCache(wd.caption_db)
-    try:
-        selected = _select(wd, cands, volumes, options, db, progress)
-        reqs = _requests(selected, workdir)
-        summary = run_captions(
-            reqs, options, cache=db, batch_dir=wd.batches, on_update=on_update,
-            progress=(lambda d, t: progress("captioning", d, t)) if progress else None,
-        )
-        _export_cache(db, wd.caption_table)
-        if options.dry_run:
-            return ReleaseResult(summary=summary, out=None)
-        answers = lookup(reqs, options, cache=db)
-    finally:
-        db.close()
-    return _write_release(selected, answers, out, summary)
+    # One paying run per workdir; a dry run sends and writes nothing, so it needs no lock.
+    lock = nullcontext() if options.dry_run else RunLock(
+        wd.caption_lock, wait=options.wait, on_wait=on_wait)
+    with lock:
+        db = CaptionCache(wd.caption_db)
+        try:
+            selected = _render(wd, cands, volumes, options, progress)
+            reqs = _requests(selected, workdir)
+            if out.exists() and not options.dry_run:
+                return _existing(out, selected, reqs, options, db, wd, splits)
+            summary = run_captions(
+                reqs, options, cache=db, batch_dir=wd.batches, on_update=on_update,
+                progress=(lambda d, t: progress("captioning", d, t)) if progress else None,
+            )
+            _export_cache(db, wd.caption_table)
+            if options.dry_run:
+                return ReleaseResult(summary=summary, out=None)
+            answers = lookup(reqs, options, cache=db)
+        finally:
+            db.close()
+        return _write_release(selected, answers, splits, out, summary)
 
 
-def _select(wd: Workdir, cands: pd.DataFrame, volumes: pd.DataFrame, options: CaptionOptions,
-            db: CaptionCache, progress: Callable[[str, int, int], None] | None) -> pd.DataFrame:
-    """The slices the release may hold, in order: render a chunk, offer each of its slices to
-    the budget (a cached one is free), and stop once the budget is full."""
-    budget = Budget.of(options)
-    chosen: list[pd.DataFrame] = []
-    start = 0
-    while start < len(cands):
-        left = budget.left
-        step = options.chunk if left is None else min(options.chunk, max(64, 2 * left))
-        part = render_slices(wd.root, cands.iloc[start : start + step], volumes, size=options.size)
-        start += step
-        reqs = _requests(part, wd.root)
-        hits = lookup(reqs, options, cache=db)
-        chosen.append(part.iloc[[i for i, req in enumerate(reqs) if budget.take(free=req.slice_id in hits)]])
+def _existing(out: Path, selected: pd.DataFrame, reqs: list[CaptionRequest], options: CaptionOptions,
+              db: CaptionCache, wd: Workdir, splits: dict[str, str]) -> ReleaseResult:
+    """``out`` exists: succeed when it holds exactly what this run would write without a new
+    request (the same command rerun), else refuse before anything is paid."""
+    plan = run_captions(reqs, replace(options, dry_run=True), cache=db, batch_dir=wd.batches)
+    rows = _release_rows(selected, lookup(reqs, options, cache=db), splits)
+    old = read_manifest(out)
+    same = (plan.to_send == 0 and plan.pending == 0 and rows is not None
+            and all(_same(old, rows, c) for c in _IDENTITY))
+    if not same:
+        now = f"{len(old)} rows" + ("" if rows is None else f"; this run would hold {len(selected)} slices")
+        ask = f", {plan.to_send} new requests" if plan.to_send else ""
+        raise FileExistsError(
+            f"{out} exists and holds a different release ({now}{ask}); release manifests are "
+            f"immutable: pass --out {next_release_path(wd.root).relative_to(wd.root)}")
+    return ReleaseResult(summary=plan, out=out, rows=len(old), refused=int(old["refused"].sum()),
+                         splits=old["split"].value_counts().to_dict(), unchanged=True)
+
+
+# What makes two releases the same release.
+_IDENTITY = ("slice_id", "image_sha256", "caption", "refused", "caption_model", "prompt_version", "split")
+
+
+def _same(a: pd.DataFrame, b: pd.DataFrame, column: str) -> bool:
+    if column not in a.columns or column not in b.columns or len(a) != len(b):
+        return False
+    def norm(v: Any) -> Any:
+        return None if v is None or (isinstance(v, float) and np.isnan(v)) else v
+    return [norm(v) for v in a[column].tolist()] == [norm(v) for v in b[column].tolist()]
+
+
+def _render(wd: Workdir, cands: pd.DataFrame, volumes: pd.DataFrame, options: CaptionOptions,
+            progress: Callable[[str, int, int], None] | None) -> pd.DataFrame:
+    """Render the chosen slices in chunks (with progress); rows keep their order."""
+    parts: list[pd.DataFrame] = []
+    for start in range(0, len(cands), options.chunk):
+        parts.append(render_slices(wd.root, cands.iloc[start : start + options.chunk], volumes, size=options.size))
         if progress:
-            progress("rendering", min(start, len(cands)), len(cands))
-        if budget.full:
-            break
-    return pd.concat(chosen, ignore_index=True) if chosen else cands.iloc[:0]
+            progress("rendering", min(start + options.chunk, len(cands)), len(cands))
+    return pd.concat(parts, ignore_index=True) if parts else cands.iloc[:0]
 
 
-def _write_release(selected: pd.DataFrame, answers: dict[str, dict[str, Any]], out: Path, summary: CaptionSummary) -> ReleaseResult:
+def _release_rows(selected: pd.DataFrame, answers: dict[str, dict[str, Any]], splits: dict[str, str]) -> pd.DataFrame | None:
+    """The release rows: the selected slices that have an answer, with caption columns and split."""
     rows = selected[selected["slice_id"].isin(answers)].copy()
     if rows.empty:
-        return ReleaseResult(summary=summary, out=None)
+        return None
     refused = [bool(answers[s].get("refused")) for s in rows["slice_id"]]
     rows["refused"] = refused
     rows["caption"] = [None if r else answers[s].get("text") for s, r in zip(rows["slice_id"], refused)]
@@ -167,14 +207,22 @@ def _write_release(selected: pd.DataFrame, answers: dict[str, dict[str, Any]], o
     rows["prompt_version"] = [answers[s].get("prompt_version") for s in rows["slice_id"]]
     rows["caption_mode"] = [answers[s].get("mode") for s in rows["slice_id"]]
     rows["cost_usd"] = [answers[s].get("cost_usd") for s in rows["slice_id"]]
-    rows["split"] = assign_splits(rows["case_id"])
-    rows = rows.sort_values("selection_order" if rows["selection_order"].notna().all() else "slice_id", ignore_index=True)
+    rows["split"] = rows["case_id"].astype(str).map(splits)
+    order = "selection_order" if rows["selection_order"].notna().all() else "slice_id"
+    return rows.sort_values(order, ignore_index=True)
+
+
+def _write_release(selected: pd.DataFrame, answers: dict[str, dict[str, Any]], splits: dict[str, str], out: Path,
+                   summary: CaptionSummary) -> ReleaseResult:
+    rows = _release_rows(selected, answers, splits)
+    if rows is None:
+        return ReleaseResult(summary=summary, out=None)
     write_manifest(rows, out, schema=RELEASE_SCHEMA, extra_meta={"release": out.stem, "provider": summary.provider, "model": summary.model})
     return ReleaseResult(
         summary=summary,
         out=out,
         rows=len(rows),
-        refused=int(np.sum(refused)),
+        refused=int(rows["refused"].sum()),
         splits=rows["split"].value_counts().to_dict(),
     )
 

@@ -1,7 +1,10 @@
 """The sync run: a pool of workers sends planned jobs now, committing each answer as it arrives.
 
 Each answer is durable in the cache before its worker counts it or moves on, so a killed run
-loses nothing that was answered; only requests in flight at the kill are asked again.
+loses nothing that was answered; only requests in flight at the kill (at most ``--concurrency``)
+are asked again. Answers that come back empty because the completion cap ran out (a reasoning
+model that spent it all reasoning) are kept, flagged, and stop the run after a few, with one line
+naming the fix, instead of paying for every slice.
 """
 
 from __future__ import annotations
@@ -16,14 +19,27 @@ from captions.budget import Budget
 from captions.cache import CaptionCache
 from captions.client import CaptionClient, Stopped, redact
 from captions.errors import FatalAPIError
-from captions.jobs import Job, cache_row, caption_job
+from captions.images import image_bytes
+from captions.jobs import Job, cache_row, caption_job, fallback_version, primary_version, with_estimated_usage
 from captions.options import CaptionOptions
 from captions.plan import CaptionSummary, estimate
-from captions.prompts import FALLBACK_PROMPT_VERSION, PROMPT_VERSION, build_messages
+from captions.prompts import build_messages
 
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 20  # a run whose every request exhausts its retries stops
+TRUNCATED_STOP = 3  # empty "length" answers that stop a run (when they are >= 1/4 of answers)
+
+
+def truncation_stop(options: CaptionOptions, n: int) -> str:
+    """The one line that stops a run whose answers come back empty at the completion cap."""
+    if options.reasoning_effort is not None:
+        fix = (f"lower --reasoning-effort (now {options.reasoning_effort}) or raise --max-tokens "
+               f"(now {options.max_tokens})")
+    else:
+        fix = f"raise --max-tokens (now {options.max_tokens})"
+    return (f"{n} answers came back empty with finish_reason=length: the model used all "
+            f"{options.completion_cap} completion tokens before writing a caption; {fix}")
 
 
 class GroupCommitter:
@@ -69,10 +85,11 @@ async def run_sync(options: CaptionOptions, jobs: list[Job], db: CaptionCache, s
     secret = options.request_key()
     client = CaptionClient(api_key=secret, base_url=options.base_url, model=options.model,
                            timeout=options.timeout, concurrency=options.concurrency, rpm=options.rpm,
-                           tpm=options.tpm, retry=options.retry)
+                           tpm=options.tpm, retry=options.retry, reasoning_effort=options.reasoning_effort)
     queue = deque(jobs)
     committer = GroupCommitter(db)
     state: dict[str, Any] = {"fatal": None, "consecutive": 0, "done": 0}
+    primary = primary_version(options)
 
     async def worker() -> None:
         while queue and state["fatal"] is None:
@@ -84,10 +101,10 @@ async def run_sync(options: CaptionOptions, jobs: list[Job], db: CaptionCache, s
             est = job.estimate or estimate(options, job)
             budget.reserve(est.usd)
             try:
-                messages = build_messages(job.req, job.req.image_path.read_bytes(), options.detail,
-                                          version=job.version)
+                messages = build_messages(job.req, image_bytes(job.req.image_path, options.image_size),
+                                          options.detail, version=options.template(job.version))
                 summary.sent += 1
-                answer = await client.complete(messages, max_tokens=options.max_tokens,
+                answer = await client.complete(messages, max_tokens=options.completion_cap,
                                                temperature=options.temperature,
                                                est_tokens=est.input_tokens + est.output_tokens)
             except FatalAPIError as exc:
@@ -111,28 +128,34 @@ async def run_sync(options: CaptionOptions, jobs: list[Job], db: CaptionCache, s
             finally:
                 budget.release(est.usd)
             state["consecutive"] = 0
-            row = cache_row(job.item, answer, "sync")
+            answer = with_estimated_usage(answer, est.input_tokens)
+            summary.usage_estimated += int(answer.usage == "estimated")
+            row = cache_row(job.item, answer, "sync", prices=options.prices)
             await committer.commit(row)  # durable before this worker counts it or moves on
             usd = row["cost_usd"]
             budget.spend(usd)
             summary.prompt_tokens += answer.prompt_tokens
             summary.completion_tokens += answer.completion_tokens
             summary.usd_actual = None if usd is None or summary.usd_actual is None else summary.usd_actual + usd
-            summary.refused += int(answer.refused)
+            summary.refused += int(answer.refused and not answer.truncated)
+            summary.truncated += int(answer.truncated)
             summary.succeeded += int(not answer.refused)
             state["done"] += 1
             if progress is not None:
                 progress(state["done"], summary.to_send)
-            if answer.refused and options.retry_refused and job.version == PROMPT_VERSION:
-                retry_job = caption_job(options, job.req, FALLBACK_PROMPT_VERSION)
+            if summary.truncated >= TRUNCATED_STOP and 4 * summary.truncated >= state["done"]:
+                if state["fatal"] is None:
+                    state["fatal"] = FatalAPIError(truncation_stop(options, summary.truncated))
+                    client.stop()
+                return
+            if answer.refused and not answer.truncated and options.retry_refused and job.version == primary:
+                retry_job = caption_job(options, job.req, fallback_version(options))
                 if retry_job.key in db:
                     continue
-                if budget.reask():
-                    retry_job.estimate = estimate(options, retry_job)
-                    summary.to_send += 1
-                    queue.appendleft(retry_job)
-                else:
-                    summary.over_budget += 1
+                # The re-ask belongs to a slice already inside --budget; --max-usd still caps it.
+                retry_job.estimate = estimate(options, retry_job)
+                summary.to_send += 1
+                queue.appendleft(retry_job)
 
     writer = asyncio.create_task(committer.run())
     try:

@@ -7,12 +7,14 @@ from pathlib import Path
 import typer
 
 from .caption import caption_cmd
-from .common import new_app, out
+from .common import main, new_app, out
 from .explore import query_cmd, report_cmd, stats_cmd
+from .lookup import lookup_cmd
 from .rank import rank_cmd
+from .release_export import export_cmd
 from .slice import merge_cmd, slice_cmd
 
-app = new_app("Curate 3D CT/MRI volumes into slice data: sample-data, slice, merge, rank, caption, query, stats, report.")
+app = new_app("Curate 3D CT/MRI volumes into slice data: sample-data, slice, merge, rank, caption, export, query, stats, report, lookup.")
 
 
 @app.command("sample-data")
@@ -39,10 +41,17 @@ app.command("slice")(slice_cmd)
 app.command("merge")(merge_cmd)
 app.command("rank")(rank_cmd)
 app.command("caption")(caption_cmd)
+app.command("export")(export_cmd)
 app.command("query")(query_cmd)
 app.command("report")(report_cmd)
 app.command("stats")(stats_cmd)
+app.command("lookup")(lookup_cmd)
+
+
+def run() -> None:
+    """Console script `curate`: one line per fault, tracebacks with --debug."""
+    main(app)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    run()

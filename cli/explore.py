@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from .common import WorkdirOpt, console, fail, out
 
@@ -26,8 +27,7 @@ def query_cmd(
         df = run_query(workdir, sql)
         text = format_frame(df, fmt, output)
     except (duckdb.Error, ValueError) as exc:
-        console.print(f"[red]error:[/red] {str(exc).splitlines()[0]}")
-        raise typer.Exit(2)
+        raise fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 2) from None
     if output is not None and fmt != "parquet":
         output.write_text(text)
         console.print(f"wrote {len(df)} rows to {output}")
@@ -49,7 +49,9 @@ def report_cmd(
     try:
         index = build_report(workdir, size=size, max_volumes=max_volumes)
     except FileNotFoundError as exc:
-        raise fail(str(exc), 2) from None
+        raise fail(escape(str(exc)), 2) from None
+    except OSError as exc:  # an unreadable array (StoreError names it), a read-only workdir
+        raise fail(escape(str(exc) if not exc.filename else f"{exc.filename}: {exc.strerror}"), 1) from None
     out.print(f"report: {index}")
 
 
@@ -57,7 +59,12 @@ def stats_cmd(workdir: Path = WorkdirOpt) -> None:
     """Counts per dataset/modality/plane, errors, and disk used."""
     from curation.query import format_frame, stats
 
-    result = stats(workdir)
+    import duckdb
+
+    try:
+        result = stats(workdir)
+    except (duckdb.Error, OSError) as exc:
+        raise fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 2) from None
     for name, value in result.items():
         out.rule(name)
         if isinstance(value, dict):

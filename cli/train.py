@@ -16,8 +16,9 @@ from curation.manifest import resolve_manifest
 from training.errors import TrainingError
 
 from .common import WorkdirOpt, console, fail, new_app, out
+from .common import main as run_app
 
-app = new_app("Train on curated slice-caption data: clip, embed, pretrain, export.")
+app = new_app("Train on curated slice-caption data: clip, embed, pretrain, export, finetune.")
 
 ManifestOpt = typer.Option(Path("manifests/v1.parquet"), "--manifest", help="Release manifest (path, or name under manifests/).")
 
@@ -84,7 +85,8 @@ def clip_cmd(
     seed: int = typer.Option(0, "--seed"),
     lock_image: bool = typer.Option(False, "--lock-image", help="Freeze the image tower."),
     lock_text: bool = typer.Option(False, "--lock-text", help="Freeze the text tower."),
-    accum_freq: int = typer.Option(1, "--accum-freq", help="Gradient accumulation (batches per step)."),
+    accum_freq: int = typer.Option(1, "--accum-freq", help="Batches per step; the contrastive batch is all of them "
+                                   "(features cached, as open_clip)."),
     device: Optional[str] = typer.Option(None, "--device"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (resume later)."),
     grad_clip_norm: Optional[float] = typer.Option(None, "--grad-clip-norm"),
@@ -184,7 +186,8 @@ def pretrain_cmd(
     wd: float = typer.Option(0.05, "--wd"),
     warmup: int = typer.Option(500, "--warmup"),
     grad_clip: float = typer.Option(1.0, "--grad-clip"),
-    accum_freq: int = typer.Option(1, "--accum-freq"),
+    accum_freq: int = typer.Option(1, "--accum-freq", help="Micro-batches per step; the contrastive batch is all of "
+                                   "them (features cached, as open_clip), at one micro-batch's memory."),
     precision: str = typer.Option("amp", "--precision", help="amp | bf16 | fp32 (amp falls back to fp32 on CPU)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoint path."),
     seed: int = typer.Option(0, "--seed"),
@@ -200,6 +203,8 @@ def pretrain_cmd(
     ckpt_every: int = typer.Option(500, "--ckpt-every"),
     device: str = typer.Option("auto", "--device"),
     embeddings: Optional[str] = typer.Option(None, "--embeddings", help="Embedding fingerprint (default: latest `train embed`)."),
+    splits: str = typer.Option("train", "--splits", help="Release splits to learn from, e.g. train,val; the "
+                               "retrieval metric uses val, or test when val is trained on."),
 ) -> None:
     """Align a 3D encoder to frozen CLIP slice/text embeddings through PSAT (Med3DInsight).
 
@@ -215,7 +220,7 @@ def pretrain_cmd(
         accum_freq=accum_freq, precision=precision, resume=resume, seed=seed, workers=workers, use_psat=not no_psat,
         use_pspe=not no_pspe, num_queries=num_queries, psat_width=psat_width, psat_layers=psat_layers,
         image_weight=image_weight, text_weight=text_weight, log_every=log_every, ckpt_every=ckpt_every, device=device,
-        embeddings=embeddings,
+        embeddings=embeddings, splits=splits,
     )
     try:
         res = pretrain(cfg)
@@ -255,11 +260,82 @@ def export_cmd(
         out.print(info["snippet"])
 
 
+def _metric_text(test: dict) -> str:
+    if "dice" in test:
+        per = ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in test["dice"].items())
+        mean = "-" if test["dice_mean"] is None else f"{test['dice_mean']:.3f}"
+        return f"Dice mean {mean} ({per})"
+    auc = "-" if test.get("auc") is None else f"{test['auc']:.3f}"
+    return f"accuracy {test['accuracy']:.3f}, AUC {auc}"
+
+
+@app.command("finetune")
+def finetune_cmd(
+    workdir: Path = WorkdirOpt,
+    task: str = typer.Option("seg", "--task", help="seg (UNETR / SwinUNETR, Dice per class) | cls (encoder + linear head)."),
+    encoder: str = typer.Option("vit", "--encoder", help="vit | swin | cnn (cnn: --task cls only)."),
+    init: str = typer.Option("scratch", "--init", help="scratch, an export of `train export` (exports/<enc>_encoder.json) "
+                             "or a `train pretrain` checkpoint."),
+    where: Optional[str] = typer.Option(None, "--where", help="SQL condition over volumes.parquet, e.g. \"subset = 'Task09_Spleen'\"."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="cls: CSV with a header case_id,label."),
+    train_fraction: float = typer.Option(1.0, "--train-fraction", help="Share of the train cases used (data efficiency)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (overrides --epochs); 0 scores the initial network."),
+    epochs: int = typer.Option(100, "--epochs"),
+    batch_size: int = typer.Option(2, "--batch-size"),
+    lr: float = typer.Option(1e-4, "--lr"),
+    wd: float = typer.Option(1e-5, "--wd"),
+    warmup: int = typer.Option(0, "--warmup"),
+    precision: str = typer.Option("amp", "--precision", help="amp | bf16 | fp32 (amp falls back to fp32 on CPU)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoint path."),
+    seed: int = typer.Option(0, "--seed"),
+    name: Optional[str] = typer.Option(None, "--name", help="Run folder under checkpoints/finetune/ (default: TASK-ENCODER-INIT)."),
+    encoder_arg: list[str] = typer.Option([], "--encoder-arg", help="Encoder size overrides for --init scratch, KEY=VALUE."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Network input side (default: the init's, else the volumes' grid)."),
+    feature_size: int = typer.Option(16, "--feature-size", help="UNETR decoder width."),
+    log_every: int = typer.Option(10, "--log-every"),
+    ckpt_every: int = typer.Option(500, "--ckpt-every"),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Downstream fine-tuning: does pretraining help? Scores the release's test subjects.
+
+    Writes checkpoints/finetune/<name>/: final.pt (the MONAI network's state dict), final.json
+    (class and constructor args; training.finetune_nets.load_final rebuilds it strictly),
+    metrics.json ({"test": {"dice_mean", "dice": {class: x}}} or accuracy/auc), metrics.jsonl.
+    """
+    from training.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(
+        workdir=workdir, task=task, encoder=encoder, init=init, where=where, labels=str(labels) if labels else None,
+        train_fraction=train_fraction, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, wd=wd, warmup=warmup,
+        precision=precision, resume=resume, seed=seed, name=name, encoder_kwargs=_parse_kwargs(encoder_arg),
+        img_size=img_size, feature_size=feature_size, log_every=log_every, ckpt_every=ckpt_every, device=device,
+    )
+    try:
+        res = finetune(cfg)
+    except TrainingError as exc:
+        raise fail(str(exc).strip(), 2) from None
+    table = Table(title=f"train finetune ({task}, {encoder}, init {init})", show_header=False)
+    table.add_row("steps", f"{res.start_step} -> {res.step} of {res.total_steps}")
+    table.add_row("volumes train / test", f"{res.n_train} / {res.n_test}")
+    if res.losses:
+        table.add_row("loss (first / last)", f"{res.losses[0]:.3f} / {res.losses[-1]:.3f}")
+    table.add_row("test", _metric_text(res.metrics["test"]) if res.metrics else "(stopped early; --resume latest)")
+    table.add_row("time", f"{res.seconds:.1f} s")
+    out.print(table)
+    # On its own line: a table cell truncates long paths in a narrow terminal.
+    out.print(f"outputs: {res.directory}", soft_wrap=True, highlight=False)
+
+
 @app.callback()
 def main(ctx: typer.Context) -> None:
     """Training stages of med3dinsight."""
     ctx.call_on_close(_show_training_log())
 
 
+def run() -> None:
+    """Console script `train`: one line per fault, tracebacks with --debug."""
+    run_app(app)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    run()

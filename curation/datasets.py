@@ -13,8 +13,9 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from .dicom_dataset import dicom_tree
+from .dicom_dataset import dicom_tree, input_id
 from .modality import known_subset, normalise_modality
+from .privacy import one_line
 from .volume_io import is_nifti_path
 from .volume_spec import VolumeSpec, root_relative
 
@@ -47,39 +48,101 @@ def _nifti_files(folder: Path) -> list[Path]:
 # --------------------------------------------------------------------------- MSD
 
 
-def msd_task(task_dir: Path, root: Path, dataset: str = "msd") -> list[VolumeSpec]:
-    """A Medical Segmentation Decathlon task folder (imagesTr, labelsTr, dataset.json)."""
+Problems = list[tuple[Path, str]]
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def _read_description(info_path: Path, problems: Problems) -> dict[str, Any]:
+    """dataset.json as a dict; anything else is one line and an empty description."""
+    if not info_path.exists():
+        return {}
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        problems.append((info_path, f"unreadable dataset.json ({type(exc).__name__}: {one_line(exc, 160)}); "
+                                    "using the imagesTr/labelsTr folders"))
+        return {}
+    if not isinstance(info, dict):
+        problems.append((info_path, f"dataset.json holds a JSON {type(info).__name__}, not an object; "
+                                    "using the imagesTr/labelsTr folders"))
+        return {}
+    return info
+
+
+def _names(info: dict[str, Any], key: str, info_path: Path, problems: Problems) -> dict[str, str]:
+    """A {"0": "CT", ...} field of dataset.json; a wrong type is one line and no names."""
+    value = info.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, (str, int, float)) for v in value.values()):
+        problems.append((info_path, f"dataset.json field {key!r} should map numbers to names, "
+                                    f"got {type(value).__name__}; ignored"))
+        return {}
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _listed_path(task_dir: Path, value: Any, where: str, info_path: Path, root: Path, problems: Problems) -> Path | None:
+    """A path listed in dataset.json, if it is a string that stays under ``root``."""
+    if not isinstance(value, str) or not value.strip():
+        problems.append((info_path, f"{where}: expected a file path, got {type(value).__name__}; entry skipped"))
+        return None
+    path = task_dir / value
+    if not _inside(path, root):
+        problems.append((info_path, f"{where}: {one_line(value, 200)} resolves outside --root; refused"))
+        return None
+    return path.resolve()
+
+
+def msd_task(task_dir: Path, root: Path, dataset: str = "msd", problems: Problems | None = None) -> list[VolumeSpec]:
+    """A Medical Segmentation Decathlon task folder (imagesTr, labelsTr, dataset.json).
+
+    A malformed dataset.json (wrong types, null, paths leaving ``root``) gives one line per
+    fault in ``problems``; the task falls back to its folders where the list is unusable.
+    """
+    problems = problems if problems is not None else []
     info_path = task_dir / "dataset.json"
-    info: dict[str, Any] = {}
-    if info_path.exists():
-        try:
-            info = json.loads(info_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            info = {}
+    info = _read_description(info_path, problems)
     subset = task_dir.name
-    mod_field = info.get("modality") or info.get("channel_names") or {}
-    channel_names = {str(k): str(v) for k, v in mod_field.items()} if isinstance(mod_field, dict) else {}
+    channel_names = _names(info, "modality", info_path, problems) or _names(info, "channel_names", info_path, problems)
     modality = None
     for v in channel_names.values():
         modality = normalise_modality(v) or modality
     known_mod, region = known_subset(subset)
     modality = modality or known_mod
-    labels = {str(k): str(v) for k, v in (info.get("labels") or {}).items() if str(k) != "0"}
+    labels = {k: v for k, v in _names(info, "labels", info_path, problems).items() if k != "0"}
     labels = {k: v for k, v in labels.items() if v.lower() != "background"}
 
     pairs: list[tuple[Path, Path | None]] = []
-    listed = info.get("training") or []
+    listed = info.get("training")
+    if listed is not None and not isinstance(listed, list):
+        problems.append((info_path, f"dataset.json field 'training' should be a list, got {type(listed).__name__}; "
+                                    "using the imagesTr/labelsTr folders"))
+        listed = None
     if listed:
-        for item in listed:
-            if isinstance(item, dict) and item.get("image"):
-                img = (task_dir / item["image"]).resolve()
-                lab = (task_dir / item["label"]).resolve() if item.get("label") else None
-                pairs.append((img, lab))
+        for n, item in enumerate(listed):
+            if not isinstance(item, dict):
+                problems.append((info_path, f"training[{n}]: expected an object with image/label, "
+                                            f"got {type(item).__name__}; entry skipped"))
+                continue
+            img = _listed_path(task_dir, item.get("image"), f"training[{n}].image", info_path, root, problems)
+            if img is None:
+                continue
+            lab = None
+            if item.get("label") is not None:
+                lab = _listed_path(task_dir, item.get("label"), f"training[{n}].label", info_path, root, problems)
+            pairs.append((img, lab))
     else:
         label_dir = task_dir / "labelsTr"
         for img in _nifti_files(task_dir / "imagesTr"):
             lab = _msd_label_for(img, label_dir)
-            pairs.append((img, lab))
+            pairs.append((img.resolve(), lab.resolve() if lab else None))
     seen = {p for p, _ in pairs}
     for img in _nifti_files(task_dir / "imagesTs"):
         if img.resolve() not in seen:
@@ -101,7 +164,7 @@ def msd_task(task_dir: Path, root: Path, dataset: str = "msd") -> list[VolumeSpe
                 channel=None if multi else 0,
                 channel_names=channel_names,
                 label_names=labels,
-                display_path=root_relative(img, root),
+                rel_path=root_relative(img, root),
             )
         )
     return specs
@@ -193,7 +256,7 @@ def nifti_folder(
                 modality=mod,
                 body_region=region,
                 channel=None,
-                display_path=root_relative(img, root),
+                rel_path=root_relative(img, root),
             )
         )
     return specs
@@ -223,7 +286,7 @@ def _lits(root: Path, skip: set[Path]) -> list[VolumeSpec]:
                 body_region="abdomen",
                 channel=0,
                 label_names=dict(LITS_LABELS),
-                display_path=root_relative(img, root),
+                rel_path=root_relative(img, root),
             )
         )
     return specs
@@ -252,23 +315,31 @@ def _brats(root: Path, skip: set[Path]) -> list[VolumeSpec]:
                     channel=ch,
                     channel_names={str(ch): mod.upper()},
                     label_names=dict(BRATS_LABELS),
-                    display_path=root_relative(img, root),
+                    rel_path=root_relative(img, root),
                 )
             )
     return specs
 
 
-def _list_files(root: Path, skip: set[Path]) -> list[VolumeSpec]:
+def _list_files(root: Path, skip: set[Path], problems: Problems) -> list[VolumeSpec]:
     """MedicalNet-style list files: one ``image_path label_path`` line per case."""
     specs = []
     for txt in sorted(root.glob("*.txt")):
         try:
-            lines = txt.read_text().splitlines()
-        except (OSError, UnicodeDecodeError):
+            lines = txt.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append((txt, f"unreadable list file ({type(exc).__name__}); skipped"))
             continue
-        for line in lines:
+        for n, line in enumerate(lines, start=1):
             parts = line.split()
             if not parts or not parts[0].lower().endswith((".nii", ".nii.gz")):
+                continue
+            if len(parts) > 2 or (len(parts) == 2 and not parts[1].lower().endswith((".nii", ".nii.gz"))):
+                problems.append((txt, f"line {n}: expected 'image.nii.gz [label.nii.gz]', got {one_line(line, 120)}; skipped"))
+                continue
+            outside = [p for p in parts if not _inside(root / p, root)]
+            if outside:
+                problems.append((txt, f"line {n}: {one_line(outside[0], 200)} resolves outside --root; refused"))
                 continue
             img = (root / parts[0]).resolve()
             if img in skip:
@@ -286,10 +357,10 @@ def _list_files(root: Path, skip: set[Path]) -> list[VolumeSpec]:
                 modality=mod,
                 body_region=region,
                 channel=None,
-                display_path=root_relative(img, root),
+                rel_path=root_relative(img, root),
             )
             if not img.exists():
-                spec.error = f"{img}: listed in {txt.name} but missing"
+                spec.error = f"{img}: listed in {txt.name} line {n} but missing"
             specs.append(spec)
     return specs
 
@@ -315,58 +386,89 @@ def _image_label_folders(root: Path, skip: set[Path]) -> list[VolumeSpec]:
                     modality=mod,
                     body_region=region,
                     channel=None,
-                    display_path=root_relative(img, root),
+                    rel_path=root_relative(img, root),
                 )
             )
     return specs
 
 
-def seg8(root: Path) -> list[VolumeSpec]:
-    """Discover every 3DSeg-8 layout under ``root``; each image file is used once."""
+def seg8(root: Path, problems: Problems | None = None) -> list[VolumeSpec]:
+    """Discover every 3DSeg-8 layout under ``root``; each image file is used once.
+
+    A collection that cannot be read is one line in ``problems``; the others go on.
+    """
+    problems = problems if problems is not None else []
     specs: list[VolumeSpec] = []
     task_dirs = sorted({p.parent for p in root.rglob("dataset.json")} | {p.parent for p in root.rglob("imagesTr")})
     task_dirs = [d for d in task_dirs if (d / "imagesTr").is_dir()]
     for task in task_dirs:
-        specs.extend(msd_task(task, root, dataset="3dseg8"))
+        specs.extend(_guarded(task / "dataset.json", problems, lambda: msd_task(task, root, "3dseg8", problems)))
     skip = {s.source.resolve() for s in specs}
     task_roots = [d.resolve() for d in task_dirs]
 
     def outside_tasks(spec: VolumeSpec) -> bool:
         return not any(str(spec.source).startswith(str(t) + "/") for t in task_roots)
 
-    for finder in (_list_files, _lits, _brats, _image_label_folders):
-        found = [s for s in finder(root, skip) if outside_tasks(s)]
+    finders: list[Callable[[], list[VolumeSpec]]] = [
+        lambda: _list_files(root, skip, problems), lambda: _lits(root, skip),
+        lambda: _brats(root, skip), lambda: _image_label_folders(root, skip),
+    ]
+    for finder in finders:
+        found = [s for s in _guarded(root, problems, finder) if outside_tasks(s)]
         skip |= {s.source.resolve() for s in found}
         specs.extend(found)
     # Anything else (e.g. KiTS case folders): the generic NIfTI rules, one subset per top folder.
     rest = [
-        s for s in nifti_folder(root, dataset="3dseg8", top_level_subsets=True)
+        s for s in _guarded(root, problems, lambda: nifti_folder(root, dataset="3dseg8", top_level_subsets=True))
         if s.source.resolve() not in skip and outside_tasks(s)
     ]
     specs.extend(rest)
     return specs
 
 
-def discover(dataset: str, root: Path, label_root: Path | None = None) -> tuple[list[VolumeSpec], list[tuple[Path, str]]]:
-    """Volumes of ``dataset`` under ``root`` in a deterministic order, plus unreadable files."""
-    root = Path(root)
+def _guarded(where: Path, problems: Problems, finder: Callable[[], list[VolumeSpec]]) -> list[VolumeSpec]:
+    """Run one collection's discovery; a failure is one line naming it, never the end of the run."""
+    try:
+        return finder()
+    except Exception as exc:  # a malformed collection must not stop the others
+        problems.append((where, f"collection skipped ({type(exc).__name__}: {one_line(exc, 200)})"))
+        return []
+
+
+def discover(dataset: str, root: Path, label_root: Path | None = None, pseudonymize: bool = False,
+             series_parts: str = "anatomical", cache_dir: Path | None = None,
+             id_key: bytes | None = None) -> tuple[list[VolumeSpec], list[tuple[Path, str]]]:
+    """Volumes of ``dataset`` under ``root`` in a deterministic order, plus inputs not used
+    (name, one-line reason).
+
+    ``root`` is resolved first, so ids and fingerprints do not depend on how it is spelled
+    (relative, absolute, through a link). ``pseudonymize`` (always on for DICOM) marks every
+    spec pseudonymous and names problem inputs by content ids instead of paths. DICOM only:
+    ``series_parts`` (all | first | anatomical) picks the parts of split series, ``cache_dir``
+    holds the header index, keyed with ``id_key`` (the workdir's private key).
+    """
+    root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: dataset root is not a folder")
+    problems: Problems = []
     finders: dict[str, Callable[[], list[VolumeSpec]]] = {
-        "3dseg8": lambda: seg8(root),
-        "nifti": lambda: nifti_folder(root, label_root=label_root),
-        "msd": lambda: msd_task(root, root, dataset="msd"),
+        "3dseg8": lambda: seg8(root, problems),
+        "nifti": lambda: nifti_folder(root, label_root=label_root.resolve() if label_root else None),
+        "msd": lambda: msd_task(root, root, dataset="msd", problems=problems),
     }
     if dataset == "dicom":
-        specs, problems = dicom_tree(root)
+        specs, problems = dicom_tree(root, series_parts=series_parts, cache_dir=cache_dir, id_key=id_key)
     elif dataset in finders:
-        specs, problems = finders[dataset](), []
+        specs = _guarded(root, problems, finders[dataset])
     else:
         raise ValueError(f"unknown dataset {dataset!r}; choose from 3dseg8, nifti, dicom, msd")
     for spec in specs:
         if spec.error is None and spec.kind == "nifti" and not spec.source.exists():
             spec.error = f"{spec.source}: image file is missing"
-        if spec.error is None and spec.label is not None and not spec.label.exists():
-            spec.error = f"{spec.label}: label file is missing"
-    specs.sort(key=lambda s: (s.subset, s.display_path, -1 if s.channel is None else s.channel))
+        if pseudonymize:
+            spec.pseudonymous = True
+    if pseudonymize and dataset != "dicom":
+        problems = [(Path(input_id(p) if p.is_file() else "collection"), reason.replace(str(p), "")) for p, reason in problems]
+    problems = [(p, one_line(reason)) for p, reason in problems]
+    specs.sort(key=lambda s: (s.subset, s.rel_path, -1 if s.channel is None else s.channel))
     return specs, problems

@@ -1,4 +1,4 @@
-"""The `dicom` dataset: every image series under a root, with patient identifiers scrubbed."""
+"""The `dicom` dataset: every image series under a root, pseudonymous from the start."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .modality import normalise_modality
+from .privacy import Scrubber, redact
 from .volume_spec import VolumeSpec, root_relative
 
 # DICOM objects that carry pixels but are not images to slice (segmentations, dose grids...).
@@ -27,11 +28,8 @@ def patient_tokens(series_list: Iterable[Any]) -> list[str]:
 
 
 def scrub(text: str, tokens: list[str]) -> str:
-    """Replace patient identifiers in paths and messages by a short hash."""
-    for token in tokens:
-        if token in text:
-            text = text.replace(token, "anon-" + hashlib.sha256(token.encode()).hexdigest()[:8])
-    return text
+    """Replace the given patient names/IDs in ``text``, in any case, order and separator."""
+    return Scrubber([("name", t) for t in tokens])(text) if tokens else text
 
 
 # BodyPartExamined / StudyDescription words -> body region (display window, caption context).
@@ -60,36 +58,69 @@ def dicom_body_region(path: Path) -> str | None:
     return None
 
 
-def dicom_tree(root: Path, dataset: str = "dicom") -> tuple[list[VolumeSpec], list[tuple[Path, str]]]:
-    """Every image series under ``root``; unreadable files are returned as (path, reason)."""
+def input_id(path: Path) -> str:
+    """A pseudonym for an input file that is not a volume: a hash of its first MiB and size,
+    so that neither its path nor its name (which may carry identifiers) is ever shown."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            h.update(fh.read(1 << 20))
+        h.update(str(path.stat().st_size).encode())
+    except OSError:
+        h.update(b"unreadable")
+    return f"input-{h.hexdigest()[:12]}"
+
+
+def dicom_tree(root: Path, dataset: str = "dicom", series_parts: str = "anatomical", cache_dir: Path | None = None,
+               id_key: bytes | None = None) -> tuple[list[VolumeSpec], list[tuple[Path, str]]]:
+    """Every image series (or series part) under ``root``; inputs that are not volumes come back
+    as (name, reason).
+
+    Everything is pseudonymous: a subject is a patient (``case_key`` is PatientID plus its
+    issuer, hashed with the workdir key later; the parts of a series share it), series and
+    skipped files are named by ids only, and reasons pass the scrubber of every identifier seen
+    in the headers. ``series_parts`` (all | first | anatomical) picks the parts of split series;
+    ``cache_dir`` holds the header index (keys hashed with ``id_key``) so reruns read no header.
+    Localizers, secondary captures and dose reports come back as "skipped: ..." reasons.
+    """
     from .dicom import find_series
 
-    found = find_series(root)
-    tokens = patient_tokens(found)
-    problems = [(Path(scrub(str(p), tokens)), scrub(reason, tokens)) for p, reason in getattr(found, "skipped", [])]
+    found = find_series(root, series_parts=series_parts, cache_dir=cache_dir, id_key=id_key)
+    everyone = Scrubber([i for series in found for i in series.identifiers])
+    problems: list[tuple[Path, str]] = []
+    for p, reason in getattr(found, "skipped", []):
+        name = input_id(Path(p))
+        problems.append((Path(name), redact(reason.replace(str(p), name).replace(Path(p).name, name), [], everyone)))
+    for series, why in getattr(found, "skipped_series", []):
+        name = f"series-{series.series_key[:12]}"
+        problems.append((Path(name), redact(f"skipped: {series.name()} is a {why}, not a volume", [],
+                                            Scrubber(series.identifiers))))
     specs = []
     for series in found:
-        if (series.modality or "").upper() in NON_IMAGE_MODALITIES:
-            folder = scrub(str(series.folder), tokens)
-            problems.append((Path(folder), f"{folder}: {series.modality} object, not an image volume"))
-            continue
         first = Path(series.files[0]).parent
-        rel = scrub(root_relative(first, root), tokens)
+        rel = f"{root_relative(first, root)}#{series.series_key}"
+        if (series.modality or "").upper() in NON_IMAGE_MODALITIES:
+            name = f"series-{series.series_key[:12]}"
+            problems.append((Path(name), redact(f"skipped: {series.name()} is a {series.modality} object, "
+                                                "not an image volume", [], Scrubber(series.identifiers))))
+            continue
         modality = normalise_modality(series.modality)
         body_region = dicom_body_region(series.files[0])
         specs.append(
             VolumeSpec(
                 dataset=dataset,
                 subset=dataset,
-                case_key=series.series_key,
+                # a subject is a patient; without a PatientID each series stands alone
+                case_key=series.patient_key or f"series|{series.series_key}",
                 source=first,
                 kind="dicom",
                 modality=modality,
                 body_region=body_region,
                 channel=0,
                 series=series,
-                display_path=f"{rel}#{series.series_key[:12]}",
-                scrub_tokens=tokens,
+                rel_path=rel,
+                pseudonymous=True,
+                scrubber=Scrubber(series.identifiers),
             )
         )
-    return specs, list(problems)
+    return specs, problems

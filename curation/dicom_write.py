@@ -9,7 +9,7 @@ oblique to the image plane (tilted gantry), only the in-plane axes must be ortho
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ def write_series(
     patient_name: str = "Anon",
     patient_id: str = "ANON",
     series_uid: str | None = None,
+    edit: Callable[[Dataset, int], None] | None = None,
 ) -> list[Path]:
     """Write a 3D array as a single-frame CT/MR DICOM series, one file per k slice.
 
@@ -53,6 +54,7 @@ def write_series(
         instance_numbers: "position" (k + 1), "reversed" or "random".
         rescale: one (slope, intercept) or one per slice.
         series_uid: SeriesInstanceUID; default derived deterministically from data and seed.
+        edit: called as ``edit(dataset, k)`` before each file is saved (echo, ImageType...).
 
     Returns:
         The written paths, in slice (k) order.
@@ -87,6 +89,8 @@ def write_series(
         ds.RescaleSlope = _ds([slope])[0]
         ds.RescaleIntercept = _ds([intercept])[0]
         _set_pixels(ds, _stored(array[:, :, k].T[None], slope, intercept))
+        if edit is not None:
+            edit(ds, k)
         path = out_dir / f"{tag}_{int(names[k]) + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

@@ -8,6 +8,10 @@ from pathlib import Path
 from typing import Iterator
 
 
+class WorkdirError(OSError):
+    """The workdir cannot be written (disk full, read-only, not a folder): ends the run, one line."""
+
+
 @contextmanager
 def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.

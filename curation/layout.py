@@ -8,6 +8,7 @@ embeddings/   <fingerprint>/ image.parquet, text.parquet, meta.json; latest.json
 checkpoints/  clip/, pretrain/
 exports/      <encoder>_encoder.pt + .json
 reports/      index.html, volumes/<volume_id>.html, rank_eval.json
+private/      source_map.jsonl: pseudonymous ids -> real paths (the one file never to share)
 ```
 Paths stored in manifests are relative to the workdir (``Workdir.rel``).
 """
@@ -87,6 +88,11 @@ class Workdir:
         return self.cache / "captions.parquet"
 
     @property
+    def dicom_header_cache(self) -> Path:
+        """The DICOM header index (keyed hashes only): reruns read no header again."""
+        return self.cache / "dicom_headers"
+
+    @property
     def batches(self) -> Path:
         return self.cache / "batches"
 
@@ -116,6 +122,16 @@ class Workdir:
         return self.checkpoints / "pretrain"
 
     @property
+    def finetune_checkpoints(self) -> Path:
+        """``checkpoints/finetune/``: one folder per `train finetune --name`."""
+        return self.checkpoints / "finetune"
+
+    @property
+    def caption_lock(self) -> Path:
+        """The OS file lock of the one paying `curate caption` run."""
+        return self.cache / "captions.lock"
+
+    @property
     def exports(self) -> Path:
         return self.root / "exports"
 
@@ -127,6 +143,17 @@ class Workdir:
     @property
     def rank_eval(self) -> Path:
         return self.reports / "rank_eval.json"
+
+    # private ---------------------------------------------------------------------------
+    @property
+    def private(self) -> Path:
+        """Owner-only folder of what must never be shared."""
+        return self.root / "private"
+
+    @property
+    def private_map(self) -> Path:
+        """The one private file: the id key and pseudonymous id -> real path entries."""
+        return self.private / "source_map.jsonl"
 
     def disk_folders(self) -> dict[str, Path]:
         """The top-level folders `curate stats` sizes."""

@@ -55,6 +55,9 @@ VOLUMES_SCHEMA = pa.schema(
         ("source_sha256", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("duplicate_of", pa.string()),  # volume_id of an earlier volume with identical source voxels
+        ("notes", pa.string()),
+        ("part", pa.string()),  # the part of a split DICOM series (echo2, phase, b1000-dir07, t012)  # remarks on an ok volume (label listed but missing, library warnings)
     ]
 )
 
@@ -153,6 +156,30 @@ def usable_caption_rows(df: pd.DataFrame) -> pd.Series:
     return keep
 
 
+PATH_FLAGS = ("--root", "--label-root")
+
+
+def _public_args(args: list[str]) -> list[str]:
+    """The command line for provenance; a pseudonymised run (DICOM, --pseudonymize) keeps its
+    source folders out, since a folder name may be a patient's name."""
+    text = " ".join(args)
+    if "--pseudonymize" not in args and "dicom" not in text.split():
+        return args
+    out, hide = [], False
+    for arg in args:
+        if hide:
+            out.append("<path>")
+            hide = False
+        elif arg in PATH_FLAGS:
+            out.append(arg)
+            hide = True
+        elif arg.startswith(tuple(f + "=" for f in PATH_FLAGS)):
+            out.append(arg.split("=", 1)[0] + "=<path>")
+        else:
+            out.append(arg)
+    return out
+
+
 def _metadata(extra: dict[str, Any] | None = None) -> dict[bytes, bytes]:
     from . import __version__
 
@@ -161,7 +188,7 @@ def _metadata(extra: dict[str, Any] | None = None) -> dict[bytes, bytes]:
         "tool": "med3dinsight",
         "tool_version": __version__,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": " ".join([Path(sys.argv[0]).name, *_public_args(sys.argv[1:])]),
         "paths_relative_to": "workdir",
     }
     if extra:
@@ -184,6 +211,22 @@ def to_table(df: pd.DataFrame, schema: pa.Schema | None) -> pa.Table:
     return table
 
 
+def flag_duplicates(volumes: pd.DataFrame) -> pd.DataFrame:
+    """Fill ``duplicate_of``: the first volume_id (sorted) with the same source_sha256 and
+    channel, for every later one (a scan copied into two collections or cases)."""
+    volumes = volumes.copy()
+    volumes["duplicate_of"] = None
+    if volumes.empty or "source_sha256" not in volumes.columns:
+        return volumes
+    ok = volumes[volumes["source_sha256"].notna() & (volumes.get("status") == "ok")]
+    channel = ok["channel"].fillna(-1) if "channel" in ok.columns else 0
+    for _, group in ok.assign(_ch=channel).groupby(["source_sha256", "_ch"]):
+        if len(group) > 1:
+            ids = group.sort_values("volume_id")["volume_id"].tolist()
+            volumes.loc[volumes["volume_id"].isin(ids[1:]), "duplicate_of"] = ids[0]
+    return volumes
+
+
 def write_manifest(
     df: pd.DataFrame,
     path: str | Path,
@@ -193,6 +236,8 @@ def write_manifest(
     """Atomically write ``df`` as Parquet at ``path`` with provenance metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if schema is VOLUMES_SCHEMA:  # whoever writes volumes (slice, merge) gets the same flags
+        df = flag_duplicates(df)
     table = to_table(df, schema)
     table = table.replace_schema_metadata(_metadata(extra_meta))
     with atomic_path(path, fsync=True) as tmp:

@@ -62,7 +62,7 @@ class PreprocessConfig:
 @dataclass
 class Preprocessed:
     volume: np.ndarray  # (G, G, G) float16 in [0, 1], RAS
-    label: np.ndarray | None  # (G, G, G) uint8/int16, RAS
+    label: np.ndarray | None  # (G, G, G) smallest unsigned type holding every value, RAS
     display: np.ndarray  # (X, Y, Z) uint8, RAS, display_spacing mm
     cube_mm: float
     display_spacing: list[float]
@@ -141,7 +141,9 @@ def resize3d(arr: np.ndarray, out_shape: tuple[int, int, int], order: int = 1) -
         return arr
     t = torch.from_numpy(np.ascontiguousarray(arr))
     if order == 0:
-        src = t.to(torch.float32)[None, None]
+        # float32 holds integers exactly only up to 2^24: wider labels go through float64
+        exact = torch.float64 if arr.size and float(np.abs(arr).max()) > 2**24 else torch.float32
+        src = t.to(exact)[None, None]
         out = F.interpolate(src, size=out_shape, mode="nearest-exact")[0, 0]
         return out.numpy().astype(arr.dtype)
     t = t.to(torch.float32)
@@ -246,7 +248,7 @@ def preprocess(
         lab = np.rint(np.asarray(lab)).astype(np.int64)
         if lab.min() < 0:
             raise VolumeError(f"{name}: label volume has negative values")
-        dtype = np.uint8 if lab.max() < 256 else np.int16
+        dtype = np.min_scalar_type(int(lab.max()))  # wide enough: 70000 stays 70000
         lab_out = np.zeros((G, G, G), dtype=dtype)
         lab_out[sl] = lab.astype(dtype)
     display = _window_uint8(disp if disp is not arr else disp.copy(), dwin)

@@ -21,7 +21,7 @@ from PIL import Image
 from .fsutil import atomic_write_bytes
 from .layout import Workdir
 from .manifest import PLANE_AXIS
-from .volume_store import load_display
+from .volume_store import StoreError, load_display
 
 
 @lru_cache(maxsize=4)
@@ -30,8 +30,13 @@ def _display_cached(path: str, mtime_ns: int) -> np.ndarray:
 
 
 def display_volume(workdir: Path, volume: Mapping[str, Any]) -> np.ndarray:
-    path = Path(workdir) / volume["display_path"]
-    return _display_cached(str(path), path.stat().st_mtime_ns)
+    """The volume's display array; StoreError (one line naming the file) when missing or damaged."""
+    path = Path(workdir) / str(volume["display_path"])
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError:
+        raise StoreError(f"{path}: display volume is missing (rerun `curate slice` to redo it)") from None
+    return _display_cached(str(path), mtime)
 
 
 def slice_canvas(display: np.ndarray, volume: Mapping[str, Any], plane: str, index: int) -> np.ndarray:

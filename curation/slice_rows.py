@@ -1,7 +1,8 @@
 """The rows of slices.parquet for one preprocessed volume: which slices count, and what they show.
 
-A slice along a plane is indexed when enough of it is foreground; its row carries position,
-intensity statistics and the label classes it contains.
+A slice along a plane is indexed when enough of it is body (``body_mask``: the patient without
+air, the CT table or background noise); its row carries position, that body fraction as
+``foreground_fraction``, intensity statistics and the label classes it contains.
 """
 
 from __future__ import annotations
@@ -9,7 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .body_mask import body_mask
 from .manifest import PLANE_AXIS, PLANES, RANK_COLUMNS, SLICES_SCHEMA
+
+# Bump when the rule deciding which slices exist changes (a slice-step fingerprint can include it).
+ROWS_VERSION = 2
 
 
 def slice_rows(
@@ -20,10 +25,15 @@ def slice_rows(
     level: float,
     min_foreground: float,
 ) -> pd.DataFrame:
-    """One row per slice along each plane whose foreground fraction reaches ``min_foreground``."""
+    """One row per slice along each plane whose body fraction reaches ``min_foreground``.
+
+    ``foreground_fraction`` is the fraction of the slice inside ``body_mask(vol, level)``, so a
+    coronal slice through the CT table alone, or one of MR background noise, has 0 and is
+    not indexed.
+    """
     G = vol.shape[0]
     v32 = vol.astype(np.float32)
-    fg = v32 > level
+    fg = body_mask(v32, level)
     present: dict[int, dict[int, np.ndarray]] = {}
     values: list[int] = []
     if label is not None:

@@ -8,10 +8,12 @@ from the records (or a shard's manifests, which `merge_shards` combines).
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import pandas as pd
 
@@ -19,16 +21,78 @@ from .datasets import discover
 from .executor import Executor, LocalExecutor
 from .layout import Workdir
 from .manifest import RANK_COLUMNS, SLICES_SCHEMA, VOLUMES_SCHEMA, read_manifest, write_manifest
+from .private_map import PrivateMap
 from .slice_step import SliceConfig, SliceStep
 from .volume_spec import VolumeSpec
 
-__all__ = ["SliceConfig", "SliceStep", "SliceSummary", "assemble", "merge_shards", "run_slice"]
+__all__ = ["SliceConfig", "SliceStep", "SliceSummary", "assemble", "make_executor", "merge_shards", "parse_shard", "run_slice"]
+
+SLURM_SHARD_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
+EXECUTORS = ("local", "ray")
+
+
+def make_executor(kind: str = "local", workers: int = 1, address: str | None = None) -> Executor:
+    """The executor ``curate slice --executor KIND`` names.
+
+    Args:
+        kind: "local" (this machine, ``workers`` processes) or "ray" (Ray tasks).
+        workers: local processes; for "ray" without ``address``, the CPUs of the local Ray
+            started here.
+        address: "ray" only: the cluster to join (``auto`` for the one ``ray start`` made).
+
+    Raises:
+        ValueError: an unknown kind, or an address without "ray".
+        ImportError: "ray" where Ray is not installed (one line saying how).
+    """
+    if kind == "local":
+        if address:
+            raise ValueError("--ray-address needs --executor ray")
+        return LocalExecutor(workers)
+    if kind == "ray":
+        from .ray_executor import RayExecutor, import_ray  # only now: curation imports without Ray
+
+        import_ray()  # fail before any work when Ray is missing
+        return RayExecutor(address=address or None, num_cpus=None if address else max(1, workers))
+    raise ValueError(f"--executor {kind!r}: choose one of {', '.join(EXECUTORS)}")
+
+
+def parse_shard(value: str | None, environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """``--shard``: ``"i/n"`` (0 <= i < n), ``"auto"`` (this SLURM array task's), or None.
+
+    ``auto`` is i = ``SLURM_ARRAY_TASK_ID`` of n = ``SLURM_ARRAY_TASK_COUNT``, for an array
+    submitted as ``--array=0-(n-1)`` (a ``%k`` throttle is fine). Anything else (``--array=1-4``,
+    a rerun of one task as ``--array=2``) is refused rather than guessed: pass ``--shard i/n``.
+
+    Raises:
+        ValueError: one line saying what is wrong (bad form, variables missing or out of range).
+    """
+    if value is None:
+        return None
+    if value.strip().lower() == "auto":
+        env = os.environ if environ is None else environ
+        missing = [v for v in SLURM_SHARD_VARS if not env.get(v, "").strip()]
+        if missing:
+            raise ValueError(f"--shard auto: {' and '.join(missing)} not set (run it in an `sbatch --array` job, or pass --shard i/n)")
+        try:
+            i, n = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
+            first = int(env.get("SLURM_ARRAY_TASK_MIN", "").strip() or 0)
+        except ValueError:
+            raise ValueError("--shard auto: SLURM_ARRAY_TASK_ID/COUNT/MIN are not integers") from None
+        if first != 0 or n < 1 or not 0 <= i < n:
+            raise ValueError(f"--shard auto: array task {i} of {n} (first {first}) is not in 0..{n - 1}: "
+                             f"submit with --array=0-{max(n - 1, 0)}, or pass --shard i/n")
+        return i, n
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value)
+    if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
+        raise ValueError("--shard takes i/n with 0 <= i < n (e.g. 0/4) or auto (SLURM array)")
+    return int(m.group(1)), int(m.group(2))
 
 
 @dataclass
 class SliceSummary:
     """What `run_slice` did: counts, error lines, time and the manifests it wrote."""
 
+    discovered: int = 0  # sources found in the dataset, before sharding (bad files included)
     processed: int = 0
     skipped: int = 0
     errors: int = 0
@@ -62,10 +126,17 @@ def run_slice(
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     wd = Workdir(workdir)
-    specs, problems = discover(dataset, Path(root), label_root=label_root)
-    summary = SliceSummary()
+    dicom = dataset == "dicom"
+    specs, problems = discover(
+        dataset, Path(root), label_root=label_root, pseudonymize=cfg.pseudonymize, series_parts=cfg.series_parts,
+        cache_dir=wd.dicom_header_cache if dicom else None, id_key=PrivateMap(workdir).key() if dicom else None,
+    )
+    summary = SliceSummary(discovered=len(specs) + len(problems))
     for path, reason in problems:
         line = f"{path}: {reason}" if str(path) not in reason else reason
+        if reason.startswith("skipped:"):  # a localizer, secondary capture...: set aside, not an error
+            log(f"set aside: {line}")
+            continue
         summary.error_lines.append(line)
         log(f"skipped file: {line}")
     if cfg.shard is not None:
@@ -169,6 +240,7 @@ def merge_shards(workdir: Path) -> tuple[Path, Path, int, int]:
     vols = sorted(shard_dir.glob("volumes.*-of-*.parquet"))
     if not vols:
         raise FileNotFoundError(f"{shard_dir}: no shard manifests to merge (run `curate slice --shard i/n` first)")
+    _check_complete(wd, vols)
     vol_df = pd.concat([read_manifest(p) for p in vols], ignore_index=True)
     sl_paths = sorted(shard_dir.glob("slices.*-of-*.parquet"))
     slice_df = pd.concat([read_manifest(p) for p in sl_paths], ignore_index=True)
@@ -179,3 +251,16 @@ def merge_shards(workdir: Path) -> tuple[Path, Path, int, int]:
     vp = write_manifest(vol_df, wd.volumes_manifest, VOLUMES_SCHEMA, {"merged_shards": len(vols)})
     sp = write_manifest(slice_df, wd.slices_manifest, SLICES_SCHEMA, {"merged_shards": len(vols)})
     return vp, sp, len(vol_df), len(slice_df)
+
+
+def _check_complete(wd: Workdir, vols: list[Path]) -> None:
+    """A merge after a shard died would silently drop its volumes: refuse, naming what is missing."""
+    seen: dict[int, set[int]] = {}
+    for p in vols:
+        m = re.fullmatch(r"volumes\.(\d+)-of-(\d+)\.parquet", p.name)
+        if m:
+            seen.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    for n, got in sorted(seen.items()):
+        missing = [f"{i}/{n}" for i in range(n) if i not in got or not wd.shard_manifest("slices", i, n).exists()]
+        if missing:
+            raise FileNotFoundError(f"{wd.shards}: shard(s) {', '.join(missing)} missing (rerun `curate slice --shard i/{n}` for them, then merge)")

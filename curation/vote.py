@@ -22,7 +22,6 @@ Memory and time are linear in the number of slices: k-NN, clustering and the gre
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import multiprocessing
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from scipy import sparse
 from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
 
 from .features import l2_normalize
-from .manifest import PLANES
+from .order import global_selection_order, group_starts, plane_codes, tiebreak, volume_codes
 
 _PAD = np.iinfo(np.int64).max  # index of a padding neighbour; sorts after every real one
 
@@ -195,13 +194,21 @@ def vote_k(
     gap_factor: float = 3.0,
     dup_threshold: float = 0.98,
     seed: int = 0,
+    prior: np.ndarray | None = None,
+    prior_weight: float = 0.0,
+    defer: np.ndarray | None = None,
 ) -> VoteResult:
     """Rank items by vote-k greedy selection with balance rules and duplicate deferral.
 
     Each step picks, among the eligible unselected items, the highest
     ``score(c) = sum(10 ** -times[v] for unselected voters v of c)`` (ties: more voters, then
-    lower index); ``k`` defaults to ``auto_k(n)``. Eligible, each rule applied to the
-    candidates the one before leaves:
+    lower index); ``k`` defaults to ``auto_k(n)``. With a ``prior`` (per item, in [0, 1]: how
+    informative, e.g. atypical, an item is) and ``prior_weight`` w > 0 the greedy maximises
+    ``score(c) / max(n_votes) + w * prior(c)`` instead: representativeness (1 for the best
+    voted item before any pick, decaying as its voters get covered) plus informativeness.
+    ``defer`` (bool per item: near-empty, edge) items are ranked after all others, by their
+    own vote-k among themselves, and neither vote for nor are voted by the others. Eligible,
+    each rule applied to the candidates the one before leaves:
 
     1. not a near-duplicate (cosine > ``dup_threshold``) of a selected item, unless only
        near-duplicates are left;
@@ -224,6 +231,10 @@ def vote_k(
     empty = np.zeros(0, dtype=np.int64)
     if n == 0:
         return VoteResult(empty, np.zeros(0), empty, empty, empty, empty)
+    opts = dict(n_clusters=n_clusters, max_clusters=max_clusters, min_group=min_group,
+                gap_factor=gap_factor, dup_threshold=dup_threshold, seed=seed, prior_weight=prior_weight)
+    if defer is not None and np.any(defer) and not np.all(defer):
+        return _split_deferred(x, k, n_select, np.asarray(defer, dtype=bool), prior, opts)
     k = auto_k(n) if k is None else int(k)
     nbr, _ = knn_cosine(x, k)
     kk = nbr.shape[1]
@@ -247,6 +258,10 @@ def vote_k(
     cnt_flat = cnt.reshape(-1)  # a view: a voter moving level t -> t+1 is flat f -> f+1
     weight = 10.0 ** -np.arange(width)
     score = n_votes.astype(np.float64)
+    bonus = None
+    if prior is not None and prior_weight > 0:
+        bonus = prior_weight * np.clip(np.nan_to_num(np.asarray(prior, dtype=np.float64)), 0.0, 1.0)
+    scale = float(max(n_votes.max(), 1))
     times = np.zeros(n, dtype=np.int64)
     selected = np.zeros(n, dtype=bool)
     max_sim = np.full(n, -np.inf, dtype=np.float32)
@@ -261,9 +276,10 @@ def vote_k(
         for label, count in balance:
             have = count[label]
             cand &= have == have[cand].min()
-        s = _best(cand, score, n_votes)
+        eff = score if bonus is None else score / scale + bonus
+        s = _best(cand, eff, n_votes)
         order.append(s)
-        vote_score[s] = score[s]
+        vote_score[s] = eff[s]
         selected[s] = True
         group_picks[group[s]] += 1
         picks[cluster[s]] += 1
@@ -279,10 +295,34 @@ def vote_k(
             cnt_flat[1:] += moved[:-1]
         times[vs] += 1
         score = np.einsum("ij,j->i", cnt, weight)  # own loop, same order for every row
+    eff = score if bonus is None else score / scale + bonus
     rest = np.flatnonzero(~selected)
-    rest = rest[np.lexsort((rest, -n_votes[rest], -score[rest]))]
-    vote_score[rest] = score[rest]
+    rest = rest[np.lexsort((rest, -n_votes[rest], -eff[rest]))]
+    vote_score[rest] = eff[rest]
     full = np.concatenate([np.asarray(order, dtype=np.int64), rest])
+    rank = np.empty(n, dtype=np.int64)
+    rank[full] = np.arange(n)
+    return VoteResult(full, vote_score, rank, n_votes, group, cluster)
+
+
+def _split_deferred(
+    x: np.ndarray, k: int | None, n_select: int | None, defer: np.ndarray, prior: np.ndarray | None, opts: dict
+) -> VoteResult:
+    """vote_k on the kept items, then on the deferred ones, concatenated (see ``vote_k``)."""
+    n = len(x)
+    parts = [np.flatnonzero(~defer), np.flatnonzero(defer)]
+    order, vote_score = [], np.zeros(n)
+    n_votes, group, cluster = (np.zeros(n, dtype=np.int64) for _ in range(3))
+    offset = 0
+    for rows in parts:
+        sub = vote_k(x[rows], k, n_select, prior=None if prior is None else np.asarray(prior)[rows], **opts)
+        order.append(rows[sub.order])
+        vote_score[rows] = sub.vote_score
+        n_votes[rows] = sub.n_votes
+        group[rows] = sub.group + offset
+        cluster[rows] = sub.cluster + offset
+        offset = int(max(group.max(), cluster.max())) + 1
+    full = np.concatenate(order)
     rank = np.empty(n, dtype=np.int64)
     rank[full] = np.arange(n)
     return VoteResult(full, vote_score, rank, n_votes, group, cluster)
@@ -299,105 +339,6 @@ def _best(cand: np.ndarray, score: np.ndarray, n_votes: np.ndarray) -> int:
 
 # ---------------------------------------------------------------------------------- pools
 
-
-def _group_starts(keys: np.ndarray) -> np.ndarray:
-    """Start offsets of runs of equal values in a sorted 1-D array, plus len at the end."""
-    change = np.flatnonzero(keys[1:] != keys[:-1]) + 1
-    return np.concatenate([[0], change, [len(keys)]])
-
-
-def _cumcount(sorted_groups: np.ndarray) -> np.ndarray:
-    """Position of each element inside its run of equal values (input sorted by group)."""
-    starts = _group_starts(sorted_groups)
-    return np.arange(len(sorted_groups)) - np.repeat(starts[:-1], np.diff(starts))
-
-
-def _volume_codes(volume_ids: pd.Series) -> np.ndarray:
-    """Volume codes ordered by a hash of the id: a stable order that mixes datasets."""
-    codes, uniq = pd.factorize(volume_ids, sort=False)
-    keys = [(hashlib.blake2b(str(u).encode(), digest_size=8).digest(), str(u)) for u in uniq]
-    rank = np.empty(len(uniq), dtype=np.int64)
-    rank[sorted(range(len(uniq)), key=keys.__getitem__)] = np.arange(len(uniq))
-    return rank[codes]
-
-
-def _plane_codes(planes: pd.Series) -> tuple[np.ndarray, int]:
-    codes, uniq = pd.factorize(planes, sort=False)
-    key = [(PLANES.index(p) if p in PLANES else len(PLANES), str(p)) for p in uniq]
-    rank = np.empty(len(uniq), dtype=np.int64)
-    rank[sorted(range(len(uniq)), key=key.__getitem__)] = np.arange(len(uniq))
-    return rank[codes], max(1, len(uniq))
-
-
-def _tiebreak(df: pd.DataFrame) -> np.ndarray:
-    if "index" in df.columns:
-        return df["index"].to_numpy(dtype=np.int64)
-    if "slice_id" in df.columns:
-        return pd.factorize(df["slice_id"], sort=True)[0]
-    return np.arange(len(df))
-
-
-def _duplicate_flags(x: np.ndarray, threshold: float) -> np.ndarray:
-    """Walk rows in order; flag a row whose cosine to an earlier kept row exceeds threshold."""
-    s = x @ x.T
-    hit = np.triu(s > threshold, 1)
-    flags = np.zeros(len(x), dtype=bool)
-    for j in np.flatnonzero(hit.any(axis=0)):
-        flags[j] = bool((hit[:j, j] & ~flags[:j]).any())
-    return flags
-
-
-def global_selection_order(
-    df: pd.DataFrame,
-    score_col: str = "vote_score",
-    rank_col: str = "vote_rank",
-    features: np.ndarray | None = None,
-    dup_threshold: float = 0.98,
-) -> np.ndarray:
-    """selection_order (0..n-1, aligned with ``df`` rows) that round-robins volumes and planes.
-
-    Within a (volume, plane) pool slices go by ``rank_col`` (ties: higher ``score_col``, then
-    ``index``). A slice whose cosine to an earlier kept slice of its pool exceeds
-    ``dup_threshold`` is deferred: all kept slices of every pool come first, deferred ones
-    after, in the same round-robin. A volume's own sequence interleaves its planes (round r
-    takes each plane's r-th slice; the plane order is rotated by the volume's position so
-    small budgets are not all axial); the global order takes the r-th slice of every volume
-    before any (r+1)-th. Volumes are ordered by a hash of ``volume_id``. So the first V entries
-    hold one slice of each of V volumes and the first 3V cover every (volume, plane).
-    """
-    n = len(df)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    vol = _volume_codes(df["volume_id"])
-    plane, n_planes = _plane_codes(df["plane"])
-    rank = df[rank_col].to_numpy(dtype=np.float64)
-    score = df[score_col].to_numpy(dtype=np.float64) if score_col in df.columns else np.zeros(n)
-    score = np.nan_to_num(score, nan=-np.inf)
-    pool = vol * n_planes + plane
-    o1 = np.lexsort((_tiebreak(df), -score, rank, pool))
-    pool_s = pool[o1]
-    dup = np.zeros(n, dtype=bool)  # in o1 order
-    if features is not None:
-        x = l2_normalize(np.asarray(features))
-        starts = _group_starts(pool_s)
-        for a, b in zip(starts[:-1], starts[1:]):
-            if b - a > 1:
-                dup[a:b] = _duplicate_flags(x[o1[a:b]], dup_threshold)
-    phase = dup.astype(np.int64)
-    o2 = np.lexsort((np.arange(n), phase, pool_s))
-    r = np.empty(n, dtype=np.int64)
-    r[o2] = _cumcount(pool_s[o2] * 2 + phase[o2])  # round inside (pool, phase)
-    vol_s = vol[o1]
-    rot = (plane[o1] - vol_s) % n_planes
-    o3 = np.lexsort((rot, r, phase, vol_s))
-    pos = np.empty(n, dtype=np.int64)
-    pos[o3] = _cumcount(vol_s[o3] * 2 + phase[o3])  # position in the volume's sequence
-    o4 = np.lexsort((vol_s, pos, phase))
-    order = np.empty(n, dtype=np.int64)
-    order[o1[o4]] = np.arange(n)
-    return order
-
-
 def _single_thread_blas() -> None:
     # BLAS threads of two worker processes spin against each other on tiny matrices
     try:
@@ -407,9 +348,13 @@ def _single_thread_blas() -> None:
     threadpool_limits(1)
 
 
-def _rank_chunk(job: tuple[list[np.ndarray], int | None, dict]) -> list[tuple[np.ndarray, ...]]:
+def _rank_chunk(job: tuple[list[tuple], int | None, dict]) -> list[tuple[np.ndarray, ...]]:
     pools, k, opts = job
-    return [(r.vote_score, r.vote_rank) for r in (vote_k(xp, k, **opts) for xp in pools)]
+    out = []
+    for xp, pp, dp in pools:
+        r = vote_k(xp, k, prior=pp, defer=dp, **opts)
+        out.append((r.vote_score, r.vote_rank))
+    return out
 
 
 def rank_pools(
@@ -422,10 +367,16 @@ def rank_pools(
     seed: int = 0,
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
+    prior: np.ndarray | None = None,
+    prior_weight: float = 0.0,
+    defer: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Run ``vote_k`` per (volume_id, plane) pool and fill vote_score, vote_rank, selection_order.
 
     ``feats`` is aligned with ``df`` rows; ``k`` defaults to ``auto_k`` of each pool's size.
+    ``prior`` (informativeness in [0, 1]), ``prior_weight`` and ``defer`` (bool) are aligned
+    with ``df`` rows and passed to ``vote_k`` per pool; deferred slices also come last in
+    the global order.
     Each pool's rows are put in a canonical order (by ``index``, else ``slice_id``) first, so
     the result does not depend on the row order of ``df``, nor on ``workers`` (processes,
     pools are independent). ``progress`` is called with the number of pools done so far.
@@ -436,15 +387,22 @@ def rank_pools(
     x = l2_normalize(np.asarray(feats))
     if len(x) != n:
         raise ValueError(f"features have {len(x)} rows, slices {n}")
-    vol = _volume_codes(df["volume_id"])
-    plane, n_planes = _plane_codes(df["plane"])
+    vol = volume_codes(df["volume_id"])
+    plane, n_planes = plane_codes(df["plane"])
     pool = vol * n_planes + plane
-    o = np.lexsort((_tiebreak(df), pool))
-    starts = _group_starts(pool[o])
+    o = np.lexsort((tiebreak(df), pool))
+    starts = group_starts(pool[o])
     bounds = list(zip(starts[:-1], starts[1:]))
     chunks = [bounds[i : i + 64] for i in range(0, len(bounds), 64)]
-    opts = {"dup_threshold": dup_threshold, "max_clusters": max_clusters, "seed": seed}
-    jobs = (([x[o[a:b]] for a, b in chunk], k, opts) for chunk in chunks)
+    opts = {"dup_threshold": dup_threshold, "max_clusters": max_clusters, "seed": seed, "prior_weight": prior_weight}
+    pr = None if prior is None else np.asarray(prior, dtype=np.float64)
+    de = None if defer is None else np.asarray(defer, dtype=bool)
+
+    def pool_args(a: int, b: int) -> tuple:
+        rows = o[a:b]
+        return x[rows], None if pr is None else pr[rows], None if de is None else de[rows]
+
+    jobs = (([pool_args(a, b) for a, b in chunk], k, opts) for chunk in chunks)
     vote_score = np.zeros(n, dtype=np.float64)
     vote_rank = np.zeros(n, dtype=np.int64)
     with contextlib.ExitStack() as stack:
@@ -467,6 +425,6 @@ def rank_pools(
     out["vote_score"] = vote_score
     out["vote_rank"] = vote_rank.astype(np.int32)
     out["selection_order"] = global_selection_order(
-        out, "vote_score", "vote_rank", x, dup_threshold=dup_threshold
+        out, "vote_score", "vote_rank", x, dup_threshold=dup_threshold, deferred=de
     )
     return out

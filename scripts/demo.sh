@@ -33,6 +33,13 @@ $BIN/train pretrain --workdir "$WORK" --manifest "$REL" --encoder cnn \
   --warmup 2 --num-queries 16 --psat-width 64 --psat-layers 1 --workers 0 --log-every 5
 step "train export"
 $BIN/train export --workdir "$WORK"
+# The sample data has one labelled volume, so the downstream demo is a classification (CT vs MR,
+# labels from the manifest); on a labelled collection use --task seg --encoder vit|swin.
+step "train finetune (cls from the export: a few steps, scored on the test subjects)"
+$BIN/curate query "SELECT DISTINCT case_id, modality AS label FROM volumes WHERE status = 'ok' ORDER BY 1" \
+  --workdir "$WORK" --format csv > "$WORK/finetune_labels.csv"
+$BIN/train finetune --workdir "$WORK" --task cls --encoder cnn --init exports/cnn_encoder.json \
+  --labels "$WORK/finetune_labels.csv" --steps 4 --batch-size 2 --lr 1e-4 --log-every 1 --name demo-cls
 step "curate report"
 $BIN/curate report --workdir "$WORK"
 step "curate stats"
@@ -44,7 +51,8 @@ outputs under $WORK/:
   manifests/   volumes.parquet, slices.parquet, $(basename "$REL") (release: slice-caption pairs)
   volumes/     <volume_id>/volume.npy (128^3), label.npy, display.npy.zst
   cache/       png/ (rendered slices), captions.sqlite (caption cache)
-  checkpoints/ clip/final.pt, pretrain/latest.pt
+  checkpoints/ clip/final.pt, pretrain/latest.pt,
+               finetune/demo-cls/ (final.pt + final.json: the fine-tuned network; metrics.json: test accuracy/AUC)
   embeddings/  frozen CLIP embeddings
   exports/     encoder weights + JSON (loads into MONAI)
   reports/     index.html (open in a browser), rank_eval.json

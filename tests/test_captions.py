@@ -212,16 +212,16 @@ def test_options_resolve_validate_and_hide_the_key():
             CaptionOptions(**bad)
 
 
-def test_budget_counts_new_requests_only_and_never_skips_ahead():
-    budget = Budget(limit=2)
-    assert [budget.take(free=f) for f in (True, False, True, False, False, True)] == [True] * 4 + [False, True]
-    assert budget.used == 2 and budget.full and budget.left == 0 and not budget.room()
-    assert not budget.take() and not budget.reask()
-    assert Budget(limit=3, used=2).reask() and Budget().take() and Budget().left is None
+def test_budget_is_the_first_n_slices_cached_or_not_and_never_skips_ahead():
+    budget = Budget(limit=3)
+    # Cached (free) slices count toward N too: the release is the first N slices, whatever is cached.
+    assert [budget.take(free=f) for f in (True, False, True, False, True)] == [True] * 3 + [False, False]
+    assert budget.used == 3 and budget.full and budget.left == 0 and not budget.room(free=True)
+    assert Budget().take() and Budget().left is None and Budget(limit=0).full
     usd = Budget(max_usd=1.0)
     assert usd.take(usd=0.6) and not usd.take(usd=0.5) and "--max-usd 1" in usd.stopped
     assert not usd.take(usd=0.1)  # a cheaper request never jumps the queue
-    assert usd.take(free=True) and usd.planned_usd == pytest.approx(0.6)
+    assert usd.take(free=True) and usd.planned_usd == pytest.approx(0.6)  # a cached slice costs nothing
     live = Budget(max_usd=1.0)  # at send time: reported spend + in flight + this one
     live.reserve(0.5)
     assert live.may_send(0.5) and not live.may_send(0.6)

@@ -25,7 +25,9 @@ from PIL import Image
 from curation.layout import Workdir
 from curation.manifest import write_manifest
 from training.checkpoint import save
+from training.losses import ContrastiveLoss
 from training.clip_models import register_tiny
+from training import clip_train
 from training.clip_train import ClipTrainConfig, train_clip, train_step
 from training.optim import param_groups, warmup_cosine
 from training.precision import Precision
@@ -243,7 +245,51 @@ def test_accum_freq_gives_the_full_batch_gradient():
     for chunk in ([(images, texts)], [(images[:4], texts[:4]), (images[4:], texts[4:])]):
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        train_step(model, chunk, open_clip.ClipLoss(), opt, scaler, torch.device("cpu"), Precision("fp32", "cpu"))
+        train_step(model, chunk, ContrastiveLoss(), opt, scaler, torch.device("cpu"), Precision("fp32", "cpu"))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_recall_counts_ties_against_the_model():
+    # A constant model (every score equal) scores chance, k / candidates, not 1.0.
+    n = 8
+    _, _, pos = dedupe_pairs([f"i{i}" for i in range(n)], [f"t{i}" for i in range(n)])
+    const = torch.ones(n, 4) / 2
+    m = recall_at_k(const, const, pos, ks=(1, 5, 10))
+    assert m["i2t_R@1"] == pytest.approx(1 / n) and m["t2i_R@5"] == pytest.approx(5 / n)
+    assert m["i2t_R@10"] == pytest.approx(1.0)
+    # a positive tied with one negative at the top: half a hit at k=1
+    img = torch.tensor([[1.0, 0.0]])
+    txt = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    m = recall_at_k(img, txt, np.array([[True, False, False]]), ks=(1, 2))
+    assert m["i2t_R@1"] == pytest.approx(0.5) and m["i2t_R@2"] == pytest.approx(1.0)
+    # two tied positives and one tied negative: P(top 1 is a positive) = 2/3
+    m = recall_at_k(img, txt[[0, 1, 0]], np.array([[True, True, False]]), ks=(1,))
+    assert m["i2t_R@1"] == pytest.approx(2 / 3)
+
+
+def test_duplicate_captions_and_images_are_positives_in_the_clip_loss():
+    from training.losses import ContrastiveLoss
+
+    register_tiny()
+    torch.manual_seed(0)
+    images, texts = torch.randn(4, 3, 32, 32), torch.randint(1, 400, (4, 32))
+    texts[1] = texts[0]  # the same template caption twice
+    ids = torch.tensor([0, 1, 2, 2])  # two augmented views of one image
+    pos = clip_train._positives([(images, texts, ids)])
+    assert pos.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
+    # perfectly aligned features lose ~nothing once duplicates are positives
+    f = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    f[1], f[3] = f[0], f[2]
+    assert ContrastiveLoss()(f, f, torch.tensor(100.0), positives=pos).item() < 1e-3
+    assert ContrastiveLoss()(f, f, torch.tensor(100.0)).item() > 0.3
+
+
+def test_named_architecture_without_pretrained_warns(tmp_path: Path, caplog):
+    make_workdir(tmp_path, CASES)
+    with caplog.at_level(logging.WARNING, logger="training"):
+        from training.clip_train import ClipTrainer
+
+        ClipTrainer(tiny_cfg(tmp_path))
+    assert any("RANDOM weights" in r.getMessage() and "--pretrained" in r.getMessage() for r in caplog.records)

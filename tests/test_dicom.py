@@ -248,7 +248,7 @@ def test_mixed_sizes_and_orientations_split_or_rejected(tmp_path: Path) -> None:
     b = write_series(volume(17)[:, :6, :], AFFINES["axial_lps"], tmp_path / "b", series_uid=uid)
     c = write_series(volume(18), AFFINES["sagittal"], tmp_path / "c", series_uid=uid)
     series = find_series(tmp_path)
-    assert [(s.part, s.n_parts, s.n_frames) for s in series] == [(1, 3, 8), (2, 3, 8), (3, 3, 8)]
+    assert [(s.part_index, s.n_parts, s.n_frames) for s in series] == [(1, 3, 8), (2, 3, 8), (3, 3, 8)]
     assert len({s.series_key for s in series}) == 3 and all(uid not in s.series_key for s in series)
     assert [load_series(s).data.shape for s in series] == [(12, 10, 8), (12, 6, 8), (12, 10, 8)]
     with pytest.raises(VolumeError, match="mixed image sizes") as err:
@@ -279,6 +279,11 @@ def test_missing_root() -> None:
 @needs_data_store
 def test_rgb_is_rejected(tmp_path: Path) -> None:
     shutil.copy(DATA_STORE / "SC_rgb_2frame.dcm", tmp_path)
+    found = find_series(tmp_path)  # a secondary capture: set aside with a reason, not an error
+    assert list(found) == [] and [why for _, why in found.skipped_series] == ["secondary capture"]
+    ds = pydicom.dcmread(tmp_path / "SC_rgb_2frame.dcm")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # as if MR
+    ds.save_as(tmp_path / "SC_rgb_2frame.dcm")
     with pytest.raises(VolumeError, match="color image"):
         load_only(tmp_path)
 

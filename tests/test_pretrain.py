@@ -161,6 +161,50 @@ def test_schedule_and_weight_decay_groups():
     assert not any(n.endswith("bias") for n in (names[id(p)] for p in decay["params"]))
 
 
+def test_accum_freq_enlarges_the_contrastive_batch():
+    """Two accumulated micro-batches of 2 give exactly the gradient of one batch of 4 (every sample
+    contrasted with all 4; the logit scale counted once) and the same loss."""
+    from training.precision import Precision
+    from training.pretrain_step import TrainState, train_step
+    from training.rng import seed_all
+
+    g = torch.Generator().manual_seed(0)
+    batch = {"volume": torch.rand(4, 1, G // 2, G // 2, G // 2, generator=g), "plane": torch.tensor([0, 1, 2, 0]),
+             "index": torch.tensor([3, 7, 9, 12]), "image": torch.randn(4, DIM, generator=g),
+             "text": torch.randn(4, DIM, generator=g), "row": torch.arange(4)}
+    grads, losses = [], []
+    for bs, accum in ((4, 1), (2, 2)):
+        cfg = _cfg(Path("."), encoder="vit", encoder_kwargs=TINY_VIT, img_size=G // 2, batch_size=bs,
+                   accum_freq=accum, grad_clip=0.0, lr=0.0, wd=0.0)
+        seed_all(0)
+        state = TrainState.create(cfg, G, DIM, torch.device("cpu"), Precision("fp32", "cpu"))
+        chunks = iter([{k: v[i:i + bs] for k, v in batch.items()} for i in range(0, 4, bs)])
+        losses.append(train_step(state, cfg, chunks, 1)["loss"])
+        grads.append({n: p.grad.clone() for n, p in [*state.model.named_parameters(), ("t", state.loss_fn.logit_scale)]
+                      if p.grad is not None})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert grads[0].keys() == grads[1].keys() and "t" in grads[0]
+    for name, g0 in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g0, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_splits_train_val_keeps_a_holdout(workdir, tmp_path, caplog):
+    from training.distributed import init_distributed
+    from training.pretrain import Pretrainer
+
+    info = init_distributed("cpu")
+    wd = _copy_inputs(workdir, tmp_path / "splits")
+    plain = Pretrainer(_cfg(wd), info)
+    assert len(plain.data) == 8 and len(plain.val) == 4  # train learns, val is held out
+    both = Pretrainer(_cfg(wd, splits="train,val", val_split="train"), info)
+    assert len(both.data) == 12 and both.val is None  # never a holdout it trained on
+    caplog.set_level(logging.WARNING, logger="training")
+    Pretrainer(_cfg(wd, splits="train,val,test"), info)
+    assert any("no held-out retrieval metric" in m for m in caplog.messages)
+    with pytest.raises(TrainingError, match="--splits 'train,bogus'"):
+        Pretrainer(_cfg(wd, splits="train,bogus"), info)
+
+
 def test_learns_retrieves_and_exports_without_clip(workdir, tmp_path, monkeypatch):
     import open_clip
 

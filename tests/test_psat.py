@@ -90,19 +90,51 @@ def test_infonce_symmetric_and_known_values():
     torch.testing.assert_close(weighted["loss"], 0.5 * both["image_loss"] + 2.0 * both["text_loss"])
 
 
-def test_temperature_learnable_and_clamped():
+def test_temperature_learnable_and_clamped_after_the_step_not_in_forward():
     loss = AlignmentLoss(init_temperature=0.07)
     assert loss.logit_scale.requires_grad
     torch.testing.assert_close(loss.scale(), torch.tensor(1 / 0.07))
     v = torch.randn(4, 8, requires_grad=True)
     loss(v, image=torch.randn(4, 8), text=torch.randn(4, 8))["loss"].backward()
     assert loss.logit_scale.grad is not None and loss.logit_scale.grad != 0
+    # Out of range: forward still gives a gradient (a clamp there would zero it for good) ...
     with torch.no_grad():
         loss.logit_scale.fill_(math.log(1000.0))
+    loss.logit_scale.grad = None
     out = loss(torch.randn(4, 8), image=torch.randn(4, 8))
-    assert out["logit_scale"].item() == pytest.approx(100.0)
+    out["loss"].backward()
+    assert out["logit_scale"].item() == pytest.approx(1000.0) and loss.logit_scale.grad != 0
+    # ... and the trainer's clamp_ after the optimizer step brings it back to 100.
+    loss.clamp_()
+    assert loss.scale().item() == pytest.approx(100.0)
     frozen = AlignmentLoss(learnable=False)
     assert list(frozen.parameters()) == [] and "logit_scale" in frozen.state_dict()
+
+
+def test_duplicates_are_positives_not_negatives():
+    torch.manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    s = torch.tensor(10.0)
+    # no duplicates: exactly the usual loss
+    torch.testing.assert_close(symmetric_infonce(a, b, s, torch.eye(6, dtype=torch.bool)), symmetric_infonce(a, b, s))
+    loss = AlignmentLoss()
+    text = torch.randn(6, 8)
+    text[1] = text[0]  # the same caption twice (template captions repeat)
+    image = torch.randn(6, 8)
+    image[4] = image[3]  # the same slice image twice
+    # A perfect model (each volume on its own slice's embeddings) loses ~nothing once duplicates
+    # count as positives; the old loss (every off-diagonal pair a negative) keeps >= log 2 on them.
+    loss.logit_scale.data.fill_(math.log(100.0))
+    v = torch.nn.functional.normalize(text, dim=-1)
+    assert loss(v, text=text)["loss"].item() < 1e-3
+    old = symmetric_infonce(v, v, loss.scale())
+    assert old.item() > 2 * 2 * math.log(2) / (2 * 6) - 1e-3
+    vi = torch.nn.functional.normalize(image, dim=-1)
+    assert loss(vi, image=image)["loss"].item() < 1e-3
+    # every sample a duplicate of every other: nothing to tell apart, loss 0
+    same = torch.ones(4, 8)
+    assert loss(torch.randn(4, 8), image=same)["loss"].item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_loss_decreases_on_toy_problem():

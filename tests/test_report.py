@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import phantom_ras, ras_affine, write_msd_task
+from conftest import phantom_ras, ras_affine, save_nifti, write_msd_task
 from curation.manifest import SLICES_SCHEMA, read_manifest, write_manifest
 from curation.preprocess import PreprocessConfig
 from curation.report import build_report, page_name
@@ -82,12 +82,12 @@ def parse(path: Path) -> _Page:
 
 @pytest.fixture(scope="module")
 def sliced(tmp_path_factory) -> Path:
-    """Two ok phantom volumes and one error volume (missing label), sliced at grid 32."""
+    """Two ok phantom volumes and one error volume (non-integer label), sliced at grid 32."""
     base = tmp_path_factory.mktemp("report")
     cases = {f"a_{k}": (np.roll(d, k, 0), ras_affine(), np.roll(lb, k, 0))
              for k, (d, lb) in enumerate(phantom_ras(seed=k) for k in range(3))}
     task = write_msd_task(base / "d", "Task05_Report", cases)
-    (task / "labelsTr" / "a_2.nii.gz").unlink()
+    save_nifti(task / "labelsTr" / "a_2.nii.gz", np.full(cases["a_2"][0].shape, 1.5, np.float32), ras_affine())
     cfg = SliceConfig(workdir=base / "w", pre=PreprocessConfig(grid_size=32))
     summary = run_slice("msd", task, cfg, log=lambda *a, **k: None)
     assert summary.processed == 2 and summary.errors == 1

@@ -1,4 +1,4 @@
-"""The `train` CLI end to end on a tiny release: clip -> embed -> pretrain -> export."""
+"""The `train` CLI end to end on a tiny release: clip -> embed -> pretrain -> export -> finetune."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from typer.testing import CliRunner
 
@@ -25,16 +26,16 @@ def test_train_stages_through_the_cli(tmp_path: Path, monkeypatch):
     torch.set_num_threads(1)
     try:
         cases = {}
-        for k in range(4):
+        for k in (0, 1, 4, 5):  # case names whose (hash) splits are 1 test, 3 train
             data, label = phantom_ras(seed=k)
             cases[f"t{k}"] = (np.roll(data, k, axis=0), ras_affine(), np.roll(label, k, axis=0))
         task = write_msd_task(tmp_path / "d", "Task09_Spleen", cases)
         w = tmp_path / "w"
         run_slice("msd", task, SliceConfig(workdir=w, pre=PreprocessConfig(grid_size=32)), log=lambda *_: None)
         runner = CliRunner()
-        res = runner.invoke(curate, ["caption", "--workdir", str(w), "--provider", "offline", "--all", "--budget", "96"])
+        res = runner.invoke(curate, ["caption", "--workdir", str(w), "--provider", "offline", "--all"])
         assert res.exit_code == 0, res.output
-        res = runner.invoke(train, ["clip", "--workdir", str(w), "--model", TINY, "--epochs", "1", "--batch-size", "16",
+        res = runner.invoke(train, ["clip", "--workdir", str(w), "--model", TINY, "--epochs", "1", "--batch-size", "8",
                                     "--warmup", "1", "--workers", "0", "--lr", "1e-3"])
         assert res.exit_code == 0, res.output
         assert (w / "checkpoints/clip/final.pt").exists()
@@ -53,6 +54,25 @@ def test_train_stages_through_the_cli(tmp_path: Path, monkeypatch):
         net = load_into_monai(meta)
         assert json.loads(meta.read_text())["encoder"] == "cnn"
         assert sum(p.numel() for p in net.parameters()) > 0
+        # downstream: fine-tune from the export (cls, labels CSV), and score a pretrain checkpoint as is
+        vols = pd.read_parquet(w / "manifests/volumes.parquet")
+        csv = tmp_path / "labels.csv"
+        csv.write_text("case_id,label\n" + "".join(f"{c},{i % 2}\n" for i, c in enumerate(sorted(set(vols["case_id"])))))
+        res = runner.invoke(train, ["finetune", "--workdir", str(w), "--task", "cls", "--encoder", "cnn",
+                                    "--init", "exports/cnn_encoder.json", "--labels", str(csv), "--steps", "2",
+                                    "--batch-size", "2", "--precision", "fp32"])
+        assert res.exit_code == 0, res.output
+        run = w / "checkpoints/finetune/cls-cnn-cnn_encoder"
+        assert "accuracy" in json.loads((run / "metrics.json").read_text())["test"] and str(run) in res.output
+        res = runner.invoke(train, ["finetune", "--workdir", str(w), "--task", "cls", "--encoder", "cnn",
+                                    "--init", "checkpoints/pretrain/latest.pt", "--labels", str(csv), "--steps", "0",
+                                    "--name", "ckpt0"])
+        assert res.exit_code == 0, res.output
+        got = torch.load(w / "checkpoints/finetune/ckpt0/final.pt", weights_only=True)
+        for k, v in net.state_dict().items():
+            assert torch.equal(got[f"encoder.resnet.{k}"], v)
+        res = runner.invoke(train, ["finetune", "--workdir", str(w), "--task", "seg", "--encoder", "cnn"])
+        assert res.exit_code == 2 and "error: --task seg --encoder cnn" in res.output, res.output
         # missing inputs give one clear line and exit 2
         res = runner.invoke(train, ["embed", "--workdir", str(tmp_path / "nowhere")])
         assert res.exit_code == 2 and "train clip" in res.output

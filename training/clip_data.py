@@ -42,7 +42,10 @@ def read_rgb(path: str | os.PathLike) -> Image.Image:
 
 
 class ClipPairs(Dataset):
-    """(image tensor, token ids) pairs; index with an int or with ``(epoch, int)``.
+    """(image tensor, token ids, image id) triples; index with an int or with ``(epoch, int)``.
+
+    The image id numbers the distinct ``image_sha256`` of the pairs, so the loss can treat two
+    augmented views of one image as the same image (a positive, not a negative).
 
     The ``(epoch, i)`` form, produced by :class:`EpochSampler`, seeds the random augmentation
     with (seed, epoch, i), which makes training reproducible across resume and worker counts.
@@ -58,6 +61,9 @@ class ClipPairs(Dataset):
     ) -> None:
         self.paths = [str(Path(workdir) / p) for p in pairs["image_path"]]
         self.captions = [str(c) for c in pairs["caption"]]
+        keys = pairs["image_sha256"] if "image_sha256" in pairs.columns else pairs["image_path"]
+        ids: dict[str, int] = {}
+        self.image_ids = [ids.setdefault(str(k), len(ids)) for k in keys]
         self.transform = transform
         self.tokenizer = tokenizer
         self.seed = seed
@@ -65,7 +71,7 @@ class ClipPairs(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         epoch, i = item if isinstance(item, tuple) else (None, item)
         image = read_rgb(self.paths[i])
         if epoch is None:
@@ -76,7 +82,7 @@ class ClipPairs(Dataset):
                 torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
                 pixels = self.transform(image)
         tokens = self.tokenizer([self.captions[i]])[0]
-        return pixels, tokens
+        return pixels, tokens, torch.tensor(self.image_ids[i], dtype=torch.long)
 
 
 class ImageFiles(Dataset):

@@ -1,6 +1,7 @@
 """`train clip`: fine-tune an open_clip model on the manifest's (slice PNG, caption) pairs.
 
-Symmetric contrastive loss (open_clip's ClipLoss, learnable logit scale), AdamW with linear
+Symmetric contrastive loss (open_clip's ClipLoss with duplicates as positives: the same caption
+or the same image twice in a batch is not a negative; ``training.losses``; learnable logit scale), AdamW with linear
 warmup + cosine decay, optional tower locking and gradient accumulation done the open_clip way
 (features of the whole accumulated batch take part in every chunk's loss). Validation
 retrieval recall (``i2t_R@k``, ``t2i_R@k``) is measured for the base model before the first
@@ -23,7 +24,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import open_clip
 import torch
 from torch.utils.data import DataLoader
 
@@ -39,6 +39,7 @@ from training.clip_models import (
 )
 from training.distributed import resolve_device, unwrap
 from training.errors import TrainingError, input_errors
+from training.losses import ContrastiveLoss, duplicate_positives
 from training.optim import adamw, set_hparams, warmup_cosine
 from training.precision import Precision, resolve_precision
 from training.retrieval import evaluate
@@ -126,6 +127,12 @@ class ClipTrainer:
                 clip.model_cfg = state.get("model_cfg") or clip.model_cfg
             else:
                 hub = (cfg.pretrained or "").startswith(HF_HUB_PREFIX)
+                if not cfg.pretrained and not cfg.model.startswith(HF_HUB_PREFIX):
+                    log.warning(
+                        "--model %s without --pretrained: CLIP starts from RANDOM weights, not a pretrained "
+                        "model; pass --pretrained TAG (e.g. openai), hf-hub:ID (e.g. "
+                        "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224, needs the network) "
+                        "or a local checkpoint path (offline)", cfg.model)
                 clip = create_clip(cfg.pretrained if hub else cfg.model, None if hub else cfg.pretrained, self.device)
             self.train_df = read_pairs(self.workdir, cfg.manifest, "train")
             self.val_df = read_pairs(self.workdir, cfg.manifest, "val")
@@ -144,7 +151,7 @@ class ClipTrainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.optimizer = adamw(self.model, cfg.lr, cfg.wd)
         self.scaler = self.precision.grad_scaler()
-        self.loss_fn = open_clip.ClipLoss()
+        self.loss_fn = ContrastiveLoss()
 
         self.step = 0
         self.resumed = state is not None
@@ -266,9 +273,16 @@ class ClipTrainer:
         )
 
 
+def _positives(chunk: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """Same caption (equal tokens) or same image (equal image id, when the batch carries it)."""
+    tokens = torch.cat([b[1] for b in chunk])
+    ids = torch.cat([b[2] for b in chunk]) if all(len(b) > 2 for b in chunk) else None
+    return duplicate_positives(tokens, ids)
+
+
 def train_step(
     model: torch.nn.Module,
-    chunk: list[tuple[torch.Tensor, torch.Tensor]],
+    chunk: list[tuple[torch.Tensor, ...]],
     loss_fn: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
@@ -276,28 +290,30 @@ def train_step(
     precision: Precision,
     grad_clip_norm: float | None = None,
 ) -> float:
-    """One optimizer step over ``len(chunk)`` batches at the optimizer's current lr; returns the
-    loss of the whole batch (NaN, and no update, when it is not finite)."""
-    chunk = [(i.to(device, non_blocking=True), t.to(device, non_blocking=True)) for i, t in chunk]
+    """One optimizer step over ``len(chunk)`` batches of (images, tokens[, image ids]) at the
+    optimizer's current lr; returns the loss of the whole batch (NaN, and no update, when it is
+    not finite). Duplicates across the whole accumulated batch are positives."""
+    chunk = [tuple(t.to(device, non_blocking=True) for t in b) for b in chunk]
+    pos = _positives(chunk)
     optimizer.zero_grad(set_to_none=True)
     if len(chunk) == 1:
         with precision.autocast():
-            img, txt, scale = model(*chunk[0])[:3]
-            loss = loss_fn(img, txt, scale)
+            img, txt, scale = model(*chunk[0][:2])[:3]
+            loss = loss_fn(img, txt, scale, positives=pos)
         scaler.scale(loss).backward()
     else:
         # Gradient accumulation for a contrastive loss: every sample must see the negatives of
         # the whole accumulated batch, so first embed all chunks without grad, then recompute
         # one chunk at a time with grad and splice it in (as open_clip's --accum-freq).
         with torch.no_grad(), precision.autocast():
-            feats = [model(*b)[:2] for b in chunk]
+            feats = [model(*b[:2])[:2] for b in chunk]
         for j, batch in enumerate(chunk):
             with precision.autocast():
-                img_j, txt_j, scale = model(*batch)[:3]
+                img_j, txt_j, scale = model(*batch[:2])[:3]
                 img = torch.cat([f[0] for f in feats[:j]] + [img_j] + [f[0] for f in feats[j + 1:]])
                 txt = torch.cat([f[1] for f in feats[:j]] + [txt_j] + [f[1] for f in feats[j + 1:]])
                 # The logit scale's gradient must be counted once, not once per chunk.
-                loss = loss_fn(img, txt, scale if j == 0 else scale.detach())
+                loss = loss_fn(img, txt, scale if j == 0 else scale.detach(), positives=pos)
             scaler.scale(loss).backward()
     if not torch.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)

@@ -86,6 +86,15 @@ def reconcile_config(cfg: PretrainConfig, ckpt: dict[str, Any], warn: bool = Tru
     return replace(cfg, **RESUME_POLICY.reconcile(saved, {**config_dict(cfg), "encoder_config": enc_new}, warn=warn))
 
 
+def train_splits(value: str) -> tuple[str, ...]:
+    """``--splits`` ("train", "train,val", ...) as a tuple; TrainingError on an unknown name."""
+    names = tuple(dict.fromkeys(x.strip() for x in value.split(",") if x.strip()))
+    bad = [n for n in names if n not in ("train", "val", "test")]
+    if not names or bad:
+        raise TrainingError(f"--splits {value!r}: comma-separated names among train, val, test")
+    return names
+
+
 class Pretrainer:
     """One rank's run: everything set up from the config (and the checkpoint it resumes) on
     construction; ``run`` trains to the end (or ``stop_after``)."""
@@ -106,9 +115,10 @@ class Pretrainer:
 
         with input_errors():
             manifest = resolve_manifest(cfg.workdir, cfg.manifest)
-            train = load_split(cfg.workdir, manifest, "train", cfg.embeddings, cfg.seed, cfg.img_size)
+            self.splits = train_splits(cfg.splits)
+            train = load_split(cfg.workdir, manifest, self.splits, cfg.embeddings, cfg.seed, cfg.img_size)
             if train is None:
-                raise TrainingError(f"{manifest}: no captioned, unrefused train rows")
+                raise TrainingError(f"{manifest}: no captioned, unrefused rows in --splits {cfg.splits}")
             self.data, self.fingerprint = train
             self.grid = grid_of(self.data.rows)
         self.val = self._val_split(manifest)
@@ -134,7 +144,12 @@ class Pretrainer:
 
     def _val_split(self, manifest: Path) -> VolumeSliceDataset | None:
         cfg = self.cfg
-        for split in dict.fromkeys([cfg.val_split, "test"] if cfg.val_split == "val" else [cfg.val_split]):
+        # The holdout is never a split the run learns from (--splits train,val keeps test out).
+        held = [s for s in dict.fromkeys([cfg.val_split, "test"] if cfg.val_split == "val" else [cfg.val_split])
+                if s not in self.splits]
+        if not held and self.main:
+            log.warning("--splits %s trains on every split: no held-out retrieval metric", cfg.splits)
+        for split in held:
             try:
                 loaded = load_split(cfg.workdir, manifest, split, self.fingerprint, cfg.seed, cfg.img_size)
             except TrainingError as e:

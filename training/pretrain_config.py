@@ -55,7 +55,8 @@ class PretrainConfig:
     log_every: int = 10
     ckpt_every: int = 500
     eval_every: int = 0  # 0 = retrieval only when training finishes
-    val_split: str = "val"  # falls back to "test" when the manifest has no val rows
+    splits: str = "train"  # the release splits pretraining learns from, comma-separated (e.g. "train,val")
+    val_split: str = "val"  # the retrieval holdout; falls back to "test" when it has no rows or is trained on
     device: str = "auto"
     embeddings: str | None = None  # embedding-store fingerprint; None = latest (or the checkpoint's)
     progress: bool = True

@@ -26,13 +26,15 @@ REQUIRED_COLUMNS = ("slice_id", "volume_id", "plane_index", "index", "image_path
                     "split", "volume_path", "grid_size")
 
 
-def captioned_rows(manifest_path: str | Path, split: str) -> pd.DataFrame:
-    """Rows of ``split`` with a caption that was not refused, in a stable order (volume, slice)."""
+def captioned_rows(manifest_path: str | Path, split: str | tuple[str, ...] | list[str]) -> pd.DataFrame:
+    """Rows of ``split`` (one name or several) with a caption that was not refused, in a stable
+    order (volume, slice)."""
     df = read_manifest(manifest_path)
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{manifest_path}: not a release manifest (missing columns {missing})")
-    keep = (df["split"] == split) & usable_caption_rows(df)
+    splits = [split] if isinstance(split, str) else list(split)
+    keep = df["split"].isin(splits) & usable_caption_rows(df)
     rows = df[keep].sort_values(["volume_id", "slice_id"], kind="stable").reset_index(drop=True)
     return rows
 
@@ -54,14 +56,15 @@ def load_volume(workdir: str | Path, volume_path: str, size: int | None = None) 
     return vol
 
 
-def load_split(workdir: str | Path, manifest: Path, split: str, fingerprint: str | None, seed: int = 0,
+def load_split(workdir: str | Path, manifest: Path, split: str | tuple[str, ...] | list[str],
+               fingerprint: str | None, seed: int = 0,
                img_size: int | None = None) -> tuple[VolumeSliceDataset, str] | None:
     """The dataset of ``split`` with its cached CLIP embeddings and their fingerprint (None = the
     latest store); None when the split has no usable rows. TrainingError when embeddings are missing."""
     rows = captioned_rows(manifest, split)
     if rows.empty:
         return None
-    with input_errors(f"{split} split: "):
+    with input_errors(f"{split if isinstance(split, str) else '+'.join(split)} split: "):
         image, text, fp = load_embeddings(workdir, rows, fingerprint)
     return VolumeSliceDataset(workdir, rows, image, text, seed=seed, img_size=img_size), fp
 

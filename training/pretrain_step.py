@@ -48,43 +48,62 @@ class TrainState:
 OnNonfinite = Callable[[dict[str, torch.Tensor], float], Exception]
 
 
+def _to(batch: dict[str, torch.Tensor], cfg: PretrainConfig, device: torch.device) -> dict[str, torch.Tensor | None]:
+    return {"volume": batch["volume"].to(device, non_blocking=True), "plane": batch["plane"].to(device),
+            "index": batch["index"].to(device),
+            "image": batch["image"].to(device) if cfg.image_weight else None,
+            "text": batch["text"].to(device) if cfg.text_weight else None}
+
+
+def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if parts[0] is None else torch.cat(parts)
+
+
 def train_step(state: TrainState, cfg: PretrainConfig, batches: Iterator[dict[str, torch.Tensor]], step: int,
                on_nonfinite: OnNonfinite | None = None) -> dict[str, float]:
     """One optimizer step over ``cfg.accum_freq`` micro-batches drawn from ``batches``.
 
-    The learning rate is whatever the optimizer holds (set it first). A non-finite loss raises
+    ``--accum-freq`` enlarges the contrastive batch (as open_clip's): the projections of every
+    micro-batch are first computed without gradient, then each micro-batch is recomputed with
+    gradient and spliced in, so every sample is contrasted with all ``accum_freq * batch_size``
+    (times ranks) samples and the summed gradient is that of one batch of that size. The
+    learning rate is whatever the optimizer holds (set it first). A non-finite loss raises
     ``on_nonfinite(batch, value)`` (default: a TrainingError naming ``step``) before its backward.
 
     Returns:
-        loss, image_loss, text_loss (means over the micro-batches), logit_scale, grad_norm.
+        loss, image_loss, text_loss (of the whole accumulated batch), logit_scale, grad_norm.
     """
     net = state.ddp or state.model
     opt, scaler, device = state.optimizer, state.scaler, state.device
     opt.zero_grad(set_to_none=True)
-    sums: dict[str, float] = {}
-    for micro in range(cfg.accum_freq):
-        batch = next(batches)
-        vol = batch["volume"].to(device, non_blocking=True)
-        plane, index = batch["plane"].to(device), batch["index"].to(device)
-        image = batch["image"].to(device) if cfg.image_weight else None
-        text = batch["text"].to(device) if cfg.text_weight else None
+    raw = [next(batches) for _ in range(cfg.accum_freq)]
+    micro = [_to(b, cfg, device) for b in raw]
+    image, text = _cat([m["image"] for m in micro]), _cat([m["text"] for m in micro])
+    cached: list[torch.Tensor] = []
+    if cfg.accum_freq > 1:
+        with torch.no_grad(), state.precision.autocast():
+            cached = [state.model(m["volume"], m["plane"], m["index"]) for m in micro]
+    out: dict[str, torch.Tensor] = {}
+    for j, m in enumerate(micro):
         # Only the last micro-batch all-reduces gradients.
-        sync = state.ddp.no_sync() if state.ddp is not None and micro < cfg.accum_freq - 1 else nullcontext()
+        sync = state.ddp.no_sync() if state.ddp is not None and j < cfg.accum_freq - 1 else nullcontext()
         with sync:
             with state.precision.autocast():
-                proj = net(vol, plane, index)
-            out = state.loss_fn(proj, image=image, text=text)
+                proj = net(m["volume"], m["plane"], m["index"])
+            if cached:
+                proj = torch.cat([*cached[:j], proj, *cached[j + 1:]])
+            # The logit scale's gradient is counted once (chunk 0), not once per micro-batch.
+            out = state.loss_fn(proj, image=image, text=text, scale_grad=j == 0)
             loss = out["loss"]
             # Every rank holds the same (gathered) loss, so every rank raises together.
             if not torch.isfinite(loss):
                 value = loss.item()
-                raise (on_nonfinite(batch, value) if on_nonfinite else
+                bad = raw[j] if len(raw) == 1 else {k: torch.cat([b[k] for b in raw]) for k in raw[0]}
+                raise (on_nonfinite(bad, value) if on_nonfinite else
                        TrainingError(f"non-finite loss ({value}) at step {step}", step=step))
-            scaler.scale(loss / cfg.accum_freq).backward()
-        for k in ("loss", "image_loss", "text_loss"):
-            if k in out:
-                sums[k] = sums.get(k, 0.0) + out[k].item() / cfg.accum_freq
-        sums["logit_scale"] = out["logit_scale"].item()
+            scaler.scale(loss).backward()
+    sums = {k: out[k].item() for k in ("loss", "image_loss", "text_loss") if k in out}
+    sums["logit_scale"] = out["logit_scale"].item()
     scaler.unscale_(opt)
     params = [p for g in opt.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -92,6 +111,7 @@ def train_step(state: TrainState, cfg: PretrainConfig, batches: Iterator[dict[st
         raise TrainingError(f"non-finite gradient norm at step {step}; lower --lr or use --precision fp32", step=step)
     scaler.step(opt)  # skipped by the scaler on inf/nan gradients under fp16
     scaler.update()
+    state.loss_fn.clamp_()  # after the step, as open_clip: a clamp in forward would kill its gradient
     sums["grad_norm"] = norm.item()
     return sums
 

@@ -46,19 +46,39 @@ def dedupe_pairs(image_keys: Sequence[str], captions: Sequence[str]) -> tuple[li
     return first_pair, list(txt_index), positives
 
 
+def hit_probability(greater: torch.Tensor, tied_neg: torch.Tensor, tied_pos: torch.Tensor, k: int) -> torch.Tensor:
+    """P(a positive ranks in the top ``k``) when ties are broken at random, per query.
+
+    ``greater``: negatives scored above the best positive; ``tied_neg`` / ``tied_pos``:
+    negatives / positives scored equal to it (``tied_pos`` >= 1). Ties are not counted in the
+    model's favour: a constant score gives exactly chance (k / candidates), not 1.0.
+    """
+    slots = (k - greater).clamp(min=0)  # places left in the top k for the tied group
+    miss = torch.ones_like(greater, dtype=torch.float64)
+    t, m = tied_neg.double(), tied_pos.double()
+    for i in range(k):  # P(the first `slots` of the tied group are all negatives)
+        step = torch.where(t - i > 0, (t - i) / (t + m - i).clamp(min=1), torch.zeros_like(t))
+        miss = torch.where(slots > i, miss * step, miss)
+    return (1 - miss).float()
+
+
 def recall_at_k(
     image_emb: torch.Tensor, text_emb: torch.Tensor, positives: np.ndarray, ks: Sequence[int] = KS
 ) -> dict[str, float]:
-    """``i2t_R@k`` and ``t2i_R@k`` for L2-normalised embeddings and a positives matrix."""
+    """``i2t_R@k`` and ``t2i_R@k`` for L2-normalised embeddings and a positives matrix; ties are
+    broken at random (``hit_probability``), so a constant model scores chance."""
     sim = (image_emb.float() @ text_emb.float().T).cpu()
     pos = torch.from_numpy(positives)
     out: dict[str, float] = {}
     for direction, s, p in (("i2t", sim, pos), ("t2i", sim.T, pos.T)):
-        order = s.topk(min(max(ks), s.shape[1]), dim=1).indices
-        hits = torch.gather(p, 1, order)  # hits[q, r]: is the r-th ranked candidate a positive
-        first = torch.where(hits.any(1), hits.float().argmax(1), torch.full((len(hits),), 1 << 30))
+        has = p.any(1)
+        best = torch.where(p, s, torch.full_like(s, -torch.inf)).max(1).values[:, None] if len(s) else s[:, :1]
+        greater = ((s > best) & ~p).sum(1)
+        tied_neg = ((s == best) & ~p).sum(1)
+        tied_pos = ((s == best) & p).sum(1).clamp(min=1)
         for k in ks:
-            out[f"{direction}_R@{k}"] = float((first < k).float().mean()) if len(hits) else float("nan")
+            hit = hit_probability(greater, tied_neg, tied_pos, k) * has
+            out[f"{direction}_R@{k}"] = float(hit.mean()) if len(hit) else float("nan")
     out["mean_R@1"] = (out["i2t_R@1"] + out["t2i_R@1"]) / 2
     return out
 

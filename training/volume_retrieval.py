@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from training.align_model import AlignModel
 from training.pretrain_data import VolumeSliceDataset, load_volume
+from training.retrieval import hit_probability
 
 KS: tuple[int, ...] = (1, 5)
 
@@ -54,11 +55,14 @@ def evaluate_volumes(model: AlignModel, data: VolumeSliceDataset, device: torch.
         sims = q @ cand.t()
         target = torch.as_tensor(inverse[order], device=device)
         correct = sims.gather(1, target[:, None])
-        rank = (sims > correct).sum(1).float()
+        greater = (sims > correct).sum(1)
+        tied = (sims == correct).sum(1) - 1  # other candidates scored exactly as the right one
         n = len(uniq)
         out[count] = float(n)
-        out[f"{direction}_median_rank"] = float(rank.median().item() + 1)
+        # Ties broken at random, never in the model's favour: a constant model scores chance.
+        out[f"{direction}_median_rank"] = float((greater.float() + tied.float() / 2).median().item() + 1)
+        ones = torch.ones_like(greater)
         for k in ks:
-            out[f"{direction}_R@{k}"] = float((rank < k).float().mean().item())
+            out[f"{direction}_R@{k}"] = float(hit_probability(greater, tied, ones, k).mean().item())
             out[f"{direction}_chance@{k}"] = min(k, n) / n
     return out
