@@ -16,7 +16,7 @@ from curation.informativeness import defer_mask, population_atypicality, prior_f
 from curation.manifest import read_manifest
 from curation.preprocess import PreprocessConfig
 from curation.rank import RankConfig, run_rank
-from curation.rank_eval import evaluate, random_hit_probability, random_min_distance
+from curation.rank_eval import random_hit_probability, random_min_distance
 from curation.slice_rows import slice_rows
 from curation.slicing import SliceConfig, run_slice
 from curation.stratify import stratify_ranks
