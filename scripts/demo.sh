@@ -29,7 +29,7 @@ step "train embed"
 $BIN/train embed --workdir "$WORK" --manifest "$REL" --clip checkpoints/clip/final.pt
 step "train pretrain (small 3D ResNet + PSAT, a few steps)"
 $BIN/train pretrain --workdir "$WORK" --manifest "$REL" --encoder cnn \
-  --encoder-arg 'block_inplanes=[16,32,64,128]' --img-size 64 --steps 10 --batch-size 4 \
+  --encoder-arg 'block_inplanes=[16,32,64,128]' --img-size 64 --steps 10 --batch-size 2 \
   --warmup 2 --num-queries 16 --psat-width 64 --psat-layers 1 --workers 0 --log-every 5
 step "train export"
 $BIN/train export --workdir "$WORK"
