@@ -18,9 +18,7 @@ from dataclasses import dataclass, field
 
 import nibabel as nib
 import numpy as np
-import torch
-import torch.nn.functional as F
-from scipy import ndimage
+from scipy import ndimage, sparse
 
 from .volume_io import VolumeError
 
@@ -119,40 +117,70 @@ def display_window(arr: np.ndarray, modality: str, body_region: str | None, cfg:
     return percentile_window(arr, cfg.mr_percentiles)
 
 
-def _resize_axis(t: torch.Tensor, axis: int, m: int) -> torch.Tensor:
-    """1D antialiased linear resize of one axis (used for the axes that shrink)."""
-    n = t.shape[axis]
-    t = t.movedim(axis, 0)
-    shape = t.shape
-    flat = t.reshape(1, 1, n, -1)
-    out = F.interpolate(flat, size=(m, flat.shape[-1]), mode="bilinear", align_corners=False, antialias=True)
-    return out.reshape(m, *shape[1:]).movedim(0, axis)
+def _shrink_weights(n: int, m: int) -> sparse.csr_matrix:
+    """(m, n) weights of an axis that shrinks: a triangle filter as wide as the scale, normalised
+    (antialiased linear, as PIL and torch's ``antialias=True`` compute it)."""
+    scale = n / m
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
+    for i in range(m):
+        center = scale * (i + 0.5)
+        j = np.arange(max(int(center - scale + 0.5), 0), min(int(center + scale + 0.5), n))
+        w = np.clip(1.0 - np.abs((j - center + 0.5) / scale), 0.0, None)
+        rows += [i] * len(j)
+        cols += j.tolist()
+        vals += (w / w.sum()).tolist()
+    return sparse.csr_matrix((np.asarray(vals, np.float32), (rows, cols)), shape=(m, n))
+
+
+def _shrink(arr: np.ndarray, axis: int, m: int) -> np.ndarray:
+    moved = np.moveaxis(arr, axis, 0)
+    flat = np.ascontiguousarray(moved).reshape(moved.shape[0], -1)
+    out = (_shrink_weights(arr.shape[axis], m) @ flat).astype(np.float32, copy=False)
+    return np.moveaxis(out.reshape((m, *moved.shape[1:])), 0, axis)
+
+
+def _grow(arr: np.ndarray, axis: int, m: int) -> np.ndarray:
+    """Linear interpolation of an axis that grows (voxel-edge aligned, align_corners=False)."""
+    n = arr.shape[axis]
+    src = np.maximum((np.arange(m) + 0.5) * (n / m) - 0.5, 0.0)
+    j0 = np.minimum(np.floor(src).astype(np.int64), n - 1)
+    j1 = np.minimum(j0 + 1, n - 1)
+    shape = [1] * arr.ndim
+    shape[axis] = m
+    lam = (src - j0).astype(np.float32).reshape(shape)
+    out = np.take(arr, j0, axis=axis)
+    nxt = np.take(arr, j1, axis=axis)
+    out *= 1.0 - lam
+    nxt *= lam
+    out += nxt
+    return out
 
 
 def resize3d(arr: np.ndarray, out_shape: tuple[int, int, int], order: int = 1) -> np.ndarray:
     """Resize so that the voxel-edge boxes coincide (align_corners=False semantics).
 
-    Linear: axes that shrink are antialiased 1D passes first (cheap: they reduce the data),
-    then one trilinear pass for the axes that grow. Trilinear is separable, so this is a
-    single linear interpolation per axis. ``order=0`` is nearest neighbour (labels).
+    Linear (``order=1``): one separable pass per axis, axes that shrink first (antialiased: they
+    reduce the data), then the axes that grow; a single linear interpolation per axis, float32.
+    ``order=0`` is nearest neighbour (labels), exact for any integer type. NumPy/SciPy only: no
+    torch in the slicing path (its import alone costs seconds per process).
     """
     out_shape = tuple(int(v) for v in out_shape)
     if tuple(arr.shape) == out_shape:
         return arr
-    t = torch.from_numpy(np.ascontiguousarray(arr))
     if order == 0:
-        # float32 holds integers exactly only up to 2^24: wider labels go through float64
-        exact = torch.float64 if arr.size and float(np.abs(arr).max()) > 2**24 else torch.float32
-        src = t.to(exact)[None, None]
-        out = F.interpolate(src, size=out_shape, mode="nearest-exact")[0, 0]
-        return out.numpy().astype(arr.dtype)
-    t = t.to(torch.float32)
-    for axis in range(3):
-        if out_shape[axis] < t.shape[axis]:
-            t = _resize_axis(t, axis, out_shape[axis])
-    if tuple(t.shape) != out_shape:
-        t = F.interpolate(t[None, None], size=out_shape, mode="trilinear", align_corners=False)[0, 0]
-    return t.contiguous().numpy()
+        idx = [np.minimum(((np.arange(m) + 0.5) * (n / m)).astype(np.int64), n - 1)
+               for n, m in zip(arr.shape, out_shape)]
+        return np.asarray(arr)[np.ix_(*idx)]
+    out = np.asarray(arr, dtype=np.float32)
+    for axis in sorted(range(3), key=lambda a: out_shape[a] >= out.shape[a]):
+        n, m = out.shape[axis], out_shape[axis]
+        if m < n:
+            out = _shrink(out, axis, m)
+        elif m > n:
+            out = _grow(out, axis, m)
+    return np.ascontiguousarray(out)
 
 
 def resample_oblique(
