@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO / "bench-work" / "data", help="volume cache (generated once)")
     ap.add_argument("--work", type=Path, default=REPO / "bench-work" / "runs", help="scratch outputs of each method")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results_slice.json", help="results JSON")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results_slice.json"), help="results JSON ('' for none)")
     ap.add_argument("--quick", action="store_true", help="1 volume of each kind (smoke run)")
     ap.add_argument("--workers", type=int, default=0, help="also time ours in-process with N worker processes (N >= 2)")
     ap.add_argument("--scaling", type=int, default=2, help="workers of the scaling row, `curate slice --workers N` (0: none)")
@@ -455,9 +455,11 @@ def main(argv: list[str] | None = None) -> int:
         },
         "threads": THREAD_ENV,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, default=str))
-    print(f"\nresults: {args.out}")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1, default=str))
+        print(f"\nresults: {out}")
     return 0
 
 
