@@ -121,11 +121,18 @@ def write_inputs(
     *,
     max_requests: int = MAX_REQUESTS_PER_FILE,
     max_bytes: int = MAX_BYTES_PER_FILE,
+    tokens: Callable[[CacheItem], int] | None = None,
+    max_tokens: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Write JSONL files within the limits; register each as a 'prepared' entry (saved)."""
+    """Write JSONL files within the limits; register each as a 'prepared' entry (saved).
+
+    ``tokens`` estimates a request's input tokens; with ``max_tokens`` (the enqueued-token
+    limit) a file holds at most that many, so each batch alone fits the limit.
+    """
     entries: list[dict[str, Any]] = []
     fh = None
     size = 0
+    est = 0
     meta: dict[str, dict[str, Any]] = {}
 
     def close() -> None:
@@ -135,6 +142,7 @@ def write_inputs(
         fh.close()
         entry = entries[-1]
         entry["n_requests"] = len(meta)
+        entry["est_tokens"] = est
         _atomic_write(store.dir / entry["items_file"], json.dumps(meta))
         store.entries.append(entry)
         store.save()
@@ -145,7 +153,9 @@ def write_inputs(
                             "body": make_body(item)}, separators=(",", ":")) + "\n").encode()
         if len(line) > max_bytes:
             raise ValueError(f"one batch request is larger than {max_bytes} bytes: {item.slice_id}")
-        if fh is not None and (len(meta) >= max_requests or size + len(line) > max_bytes):
+        cost = int(tokens(item)) if tokens is not None else 0
+        full = max_tokens is not None and meta and est + cost > max_tokens
+        if fh is not None and (len(meta) >= max_requests or size + len(line) > max_bytes or full):
             close()
         if fh is None:
             local_id = uuid.uuid4().hex[:12]
@@ -153,9 +163,10 @@ def write_inputs(
                             "items_file": f"{local_id}.items.json",
                             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat()})
             fh = open(store.dir / f"{local_id}.jsonl", "wb")
-            size, meta = 0, {}
+            size, est, meta = 0, 0, {}
         fh.write(line)
         size += len(line)
+        est += cost
         # The items file holds each key's CacheItem fields; _ingest rebuilds the item from them.
         meta[item.key] = {"slice_id": item.slice_id, "image_sha256": item.image_sha256,
                           "provider": item.provider, "model": item.model,
@@ -287,16 +298,32 @@ async def advance(
     report: BatchReport | None = None,
     on_poll: Callable[[list[dict[str, Any]]], None] | None = None,
     prices: Prices | None = None,
+    token_limit: int | None = None,
 ) -> BatchReport:
-    """Drive every unfinished entry forward: create, poll, ingest. ``wait=False`` polls once."""
+    """Drive every unfinished entry forward: create, poll, ingest. ``wait=False`` polls once.
+
+    With ``token_limit`` (the enqueued-token limit) a prepared file is submitted only while the
+    estimated input tokens of unfinished batches plus its own stay within it (a file alone is
+    always allowed); the rest wait for earlier batches to finish, in this run or the next.
+    """
     report = report or BatchReport()
-    for entry in store.active():
-        if entry["status"] in ("prepared", "uploaded"):
+
+    async def submit_ready() -> None:
+        enqueued = sum(e.get("est_tokens", 0) for e in store.active() if e["status"] == "submitted")
+        for entry in store.active():
+            if entry["status"] not in ("prepared", "uploaded"):
+                continue
+            need = entry.get("est_tokens", 0)
+            if token_limit is not None and enqueued and enqueued + need > token_limit:
+                continue  # waits until enough of the queue has finished
             await _create(client, store, entry, policy, secret)
+            enqueued += need
             report.submitted_batches += 1
             report.submitted_requests += entry["n_requests"]
+
     while True:
-        for entry in store.active():
+        await submit_ready()
+        for entry in [e for e in store.active() if e["status"] == "submitted"]:
             batch = await call_with_retry(lambda: client.batches.retrieve(entry["batch_id"]), policy, secret)
             counts = batch.request_counts.model_dump() if batch.request_counts else None
             changed = (batch.status, counts) != (entry.get("remote_status"), entry.get("request_counts"))

@@ -25,7 +25,7 @@ from captions.jobs import CacheItem, CaptionRequest, Job, cache_row, caption_job
 from captions.models import completion_params
 from captions.offline import offline_caption
 from captions.options import CaptionOptions
-from captions.plan import CaptionSummary, plan
+from captions.plan import CaptionSummary, estimate, plan
 from captions.prompts import build_messages
 from captions.sync import run_sync
 
@@ -121,7 +121,8 @@ async def _run_batch(options: CaptionOptions, requests: Sequence[CaptionRequest]
     """Resume saved batches first, then submit what is neither cached nor pending."""
     secret = options.request_key()
     client = make_openai(secret, options.base_url, options.timeout)
-    flow = dict(poll_interval=options.poll_interval, policy=options.retry, secret=secret, prices=options.prices)
+    flow = dict(poll_interval=options.poll_interval, policy=options.retry, secret=secret, prices=options.prices,
+                token_limit=options.batch_token_limit)
     report = batchflow.BatchReport()
     try:
         # Batches of an earlier (possibly killed) run are polled and ingested, never resent.
@@ -141,7 +142,13 @@ async def _run_batch(options: CaptionOptions, requests: Sequence[CaptionRequest]
                     **completion_params(options.model, options.completion_cap, options.temperature,
                                         options.reasoning_effort)}
 
-        batchflow.write_inputs(store, (j.item for j in by_key.values()), body)
+        tokens = None
+        if options.batch_token_limit is not None:
+            def tokens(item: CacheItem) -> int:
+                return estimate(options, by_key[item.key]).input_tokens
+
+        batchflow.write_inputs(store, (j.item for j in by_key.values()), body, tokens=tokens,
+                               max_tokens=options.batch_token_limit)
         await batchflow.advance(client, store, db, wait=options.batch_wait, report=report, **flow)
     except FatalAPIError as exc:
         exc.summary = CaptionSummary(options.provider, options.model, options.mode, total=len(requests),

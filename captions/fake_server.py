@@ -76,6 +76,7 @@ class FakeOpenAI:
         self.attempts: dict[str, int] = {}
         self.files: dict[str, dict[str, Any]] = {}
         self.batches: dict[str, dict[str, Any]] = {}
+        self.enqueued_at_create: list[int] = []  # unfinished batches when each batch was created
         self.window: deque[float] = deque()
         self.failed_batches = 0
         self.in_flight = 0
@@ -330,6 +331,10 @@ class _Handler(BaseHTTPRequestHandler):
                      "error_file_id": None, "metadata": body.get("metadata"),
                      "request_counts": {"total": 0, "completed": 0, "failed": 0}, "_t0": time.monotonic()}
             with self.fake.lock:
+                now = time.monotonic()
+                unfinished = [b for b in self.fake.batches.values()
+                              if b["status"] not in ("completed", "failed") and now - b["_t0"] < self.fake.config.batch_delay]
+                self.fake.enqueued_at_create.append(len(unfinished))
                 self.fake.batches[batch["id"]] = batch
             self._record(status=200, fault=None, batch_id=batch["id"])
             self._send(200, {k: v for k, v in batch.items() if not k.startswith("_")})

@@ -81,6 +81,9 @@ class CaptionOptions:
     # Batch mode: poll every poll_interval s until done, or submit/advance and return.
     batch_wait: bool = True
     poll_interval: float = 30.0
+    # The organisation's enqueued-token limit for the model (Batch API): files are cut and
+    # submitted so that the estimated input tokens of unfinished batches stay within it.
+    batch_token_limit: int | None = None
     # Another run holds the workdir: wait for it (True) or stop with one line naming it.
     wait: bool = False
 

@@ -46,6 +46,7 @@ def caption_cmd(
     all_slices: bool = typer.Option(False, "--all", help="Every slice in slice order instead of the ranked order."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Release manifest to write (default manifests/v1.parquet; never overwritten)."),
     no_wait: bool = typer.Option(False, "--no-wait", help="Batch mode: submit/advance and return instead of polling."),
+    batch_token_limit: Optional[int] = typer.Option(None, "--batch-token-limit", help="Batch mode: your organisation's enqueued-token limit for the model; batches are cut and submitted so that unfinished ones stay within it (estimated input tokens)."),
     timeout: float = typer.Option(CaptionOptions.timeout, "--timeout", help="Per-request timeout in seconds."),
     wait: bool = typer.Option(False, "--wait", help="If another caption run holds this workdir, wait for it instead of stopping."),
 ) -> None:
@@ -79,7 +80,7 @@ def caption_cmd(
             provider=provider or default_provider(api_key, base_url), model=model, base_url=base_url,
             api_key=api_key, budget=budget, max_usd=max_usd, concurrency=concurrency, rpm=rpm, tpm=tpm,
             mode=mode, detail=detail, dry_run=dry_run, retry_refused=retry_refused, all_slices=all_slices,
-            out=out_path, timeout=timeout, batch_wait=not no_wait, image_size=image_size,
+            out=out_path, timeout=timeout, batch_wait=not no_wait, batch_token_limit=batch_token_limit, image_size=image_size,
             reasoning_effort=reasoning_effort, max_tokens=max_tokens, context=context, wait=wait,
             prices=load_prices(prices_file) if prices_file else None,
             prompt=load_prompt_file(prompt_file, context) if prompt_file else None,

@@ -167,6 +167,30 @@ def test_ratelimit_headers_pace_the_run_when_no_rpm_is_given(tmp_path, start_fak
 
 
 # -- batch: errors, re-queue, clean-up, no list ---------------------------------------------------
+def test_batch_token_limit_cuts_files_and_keeps_the_queue_within_it(tmp_path, start_fake_openai):
+    from captions.budget import Budget
+    from captions.plan import estimate, plan
+
+    server = start_fake_openai(batch_delay=0.05)
+    requests = make_requests(write_pngs(tmp_path / "png", 6))
+    probe = opts(server, mode="batch")
+    with CaptionCache(tmp_path / "probe.sqlite") as db:
+        jobs, _ = plan(probe, requests, db, Budget.of(probe), set())
+    per_request = max(estimate(probe, j).input_tokens for j in jobs)
+    limit = 2 * per_request + per_request // 2  # two requests fit, three do not
+    # --no-wait: the first run submits what fits; the rest waits, prepared, for later runs
+    first = run_captions(requests, opts(server, mode="batch", poll_interval=0.02, batch_wait=False,
+                                        batch_token_limit=limit),
+                         cache=tmp_path / "c.sqlite", batch_dir=tmp_path / "b")
+    assert (first.sent, first.pending) == (2, 6)
+    # waiting: each batch is submitted once the queue has room, and all six are answered
+    done = run_captions(requests, opts(server, mode="batch", poll_interval=0.02, batch_token_limit=limit),
+                        cache=tmp_path / "c.sqlite", batch_dir=tmp_path / "b")
+    assert done.pending == 0 and first.succeeded + done.succeeded == 6
+    assert server.calls("POST", "/v1/batches") == 3
+    assert server.enqueued_at_create == [0, 0, 0]  # never two unfinished batches over the limit
+
+
 def test_batch_errors_line_requeue_and_uploaded_files_deleted(tmp_path, start_fake_openai):
     server = start_fake_openai(batch_delay=0.05, batch_fail="token_limit_exceeded", batch_list=False)
     requests = make_requests(write_pngs(tmp_path / "png", 5))
