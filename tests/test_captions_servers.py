@@ -171,7 +171,7 @@ def test_batch_token_limit_cuts_files_and_keeps_the_queue_within_it(tmp_path, st
     from captions.budget import Budget
     from captions.plan import estimate, plan
 
-    server = start_fake_openai(batch_delay=0.05)
+    server = start_fake_openai(batch_delay=0.2)
     requests = make_requests(write_pngs(tmp_path / "png", 6))
     probe = opts(server, mode="batch")
     with CaptionCache(tmp_path / "probe.sqlite") as db:
@@ -182,7 +182,7 @@ def test_batch_token_limit_cuts_files_and_keeps_the_queue_within_it(tmp_path, st
     first = run_captions(requests, opts(server, mode="batch", poll_interval=0.02, batch_wait=False,
                                         batch_token_limit=limit),
                          cache=tmp_path / "c.sqlite", batch_dir=tmp_path / "b")
-    assert (first.sent, first.pending) == (2, 6)
+    assert first.sent == 2 and first.pending >= 4  # one file of two; 6 unless it already finished
     # waiting: each batch is submitted once the queue has room, and all six are answered
     done = run_captions(requests, opts(server, mode="batch", poll_interval=0.02, batch_token_limit=limit),
                         cache=tmp_path / "c.sqlite", batch_dir=tmp_path / "b")
