@@ -236,8 +236,6 @@ def write_manifest(
     """Atomically write ``df`` as Parquet at ``path`` with provenance metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if schema is VOLUMES_SCHEMA:  # whoever writes volumes (slice, merge) gets the same flags
-        df = flag_duplicates(df)
     table = to_table(df, schema)
     table = table.replace_schema_metadata(_metadata(extra_meta))
     with atomic_path(path, fsync=True) as tmp:

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from curation.fsutil import atomic_path, atomic_write_text
-from curation.layout import Workdir
-from curation.manifest import read_manifest, release_manifests, resolve_manifest, usable_caption_rows
+from .fsutil import atomic_path, atomic_write_text
+from .layout import Workdir
+from .manifest import read_manifest, release_manifests, resolve_manifest, usable_caption_rows
+from .splits import SPLITS
 
 FORMATS = ("webdataset", "csv")
-SPLITS = ("train", "val", "test")
 META_COLUMNS = ("slice_id", "volume_id", "dataset", "modality", "body_region", "plane", "index", "position",
                 "split", "caption_model", "prompt_version", "image_sha256")
 
@@ -78,7 +78,7 @@ def export_release(workdir: str | Path, manifest: str | Path | None = None, fmt:
     result = ExportResult(manifest=path, out=Path(out) if out else wd.exports / f"{path.stem}-{fmt}")
     result.out.mkdir(parents=True, exist_ok=True)
     sizes: dict[str, int] = {}
-    for split in SPLITS:
+    for split, _ in SPLITS:
         rows = df[df["split"] == split]
         present = []
         for row in rows.to_dict("records"):

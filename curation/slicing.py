@@ -20,7 +20,7 @@ import pandas as pd
 from .datasets import discover
 from .executor import Executor, LocalExecutor
 from .layout import Workdir
-from .manifest import RANK_COLUMNS, SLICES_SCHEMA, VOLUMES_SCHEMA, read_manifest, write_manifest
+from .manifest import RANK_COLUMNS, SLICES_SCHEMA, VOLUMES_SCHEMA, flag_duplicates, read_manifest, write_manifest
 from .private_map import PrivateMap
 from .slice_step import SliceConfig, SliceStep
 from .volume_spec import VolumeSpec
@@ -175,16 +175,21 @@ def run_slice(
     vol_df, slice_df = assemble(records, workdir)
     if cfg.shard is not None:
         i, n = cfg.shard
-        summary.volumes_path = write_manifest(vol_df, wd.shard_manifest("volumes", i, n), VOLUMES_SCHEMA)
+        summary.volumes_path = _write_volumes(vol_df, wd.shard_manifest("volumes", i, n))
         summary.slices_path = write_manifest(slice_df, wd.shard_manifest("slices", i, n), SLICES_SCHEMA)
     else:
         slice_df = _keep_rank_columns(slice_df, wd.slices_manifest, resumed_ids)
         vol_df, slice_df = _with_other_datasets(vol_df, slice_df, workdir, dataset)
-        summary.volumes_path = write_manifest(vol_df, wd.volumes_manifest, VOLUMES_SCHEMA)
+        summary.volumes_path = _write_volumes(vol_df, wd.volumes_manifest)
         summary.slices_path = write_manifest(slice_df, wd.slices_manifest, SLICES_SCHEMA)
     summary.slices = len(slice_df)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _write_volumes(vol_df: pd.DataFrame, path: Path, extra_meta: dict[str, Any] | None = None) -> Path:
+    """volumes.parquet (or a shard's): every writer flags duplicate scans the same way."""
+    return write_manifest(flag_duplicates(vol_df), path, VOLUMES_SCHEMA, extra_meta)
 
 
 def assemble(records: list[dict[str, Any]], workdir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -248,7 +253,7 @@ def merge_shards(workdir: Path) -> tuple[Path, Path, int, int]:
     slice_df = slice_df.drop_duplicates("slice_id", keep="last")
     slice_df = slice_df.sort_values(["volume_id", "plane_index", "index"], ignore_index=True)
     vol_df, slice_df = _with_other_datasets(vol_df, slice_df, workdir, set(vol_df["dataset"].dropna()))
-    vp = write_manifest(vol_df, wd.volumes_manifest, VOLUMES_SCHEMA, {"merged_shards": len(vols)})
+    vp = _write_volumes(vol_df, wd.volumes_manifest, {"merged_shards": len(vols)})
     sp = write_manifest(slice_df, wd.slices_manifest, SLICES_SCHEMA, {"merged_shards": len(vols)})
     return vp, sp, len(vol_df), len(slice_df)
 
