@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -24,7 +24,7 @@ from curation.embed_store import store_dir, text_key, write_meta, write_table
 from curation.layout import Workdir
 from curation.manifest import read_manifest, resolve_manifest, usable_caption_rows
 from training.clip_data import ImageFiles
-from training.clip_models import load_clip
+from training.clip_models import LoadedClip, load_clip
 from training.distributed import resolve_device
 from training.errors import input_errors
 from training.precision import resolve_precision
@@ -64,27 +64,52 @@ def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
 
 
-def _embed_in_batches(
-    keys: list[str], batches, embed_batch: Callable, workdir: Path, fingerprint: str, kind: str,
-    progress: Progress, label: str,
-) -> None:
-    """Embed, writing to the store every FLUSH_ROWS rows."""
-    task = progress.add_task(label, total=len(keys))
-    pending_keys: list[str] = []
+@torch.no_grad()
+def encode_images(clip: LoadedClip, paths: list[str], device: torch.device, batch_size: int,
+                  workers: int = 0) -> Iterator[np.ndarray]:
+    """L2-normalised image embeddings (float32) of the PNGs at ``paths``, batch by batch, with the
+    frozen CLIP (fp16 autocast on CUDA, fp32 elsewhere)."""
+    precision = resolve_precision(None, device)
+    loader = DataLoader(ImageFiles(paths, clip.preprocess_val), batch_size=batch_size, num_workers=workers,
+                        pin_memory=device.type == "cuda")
+    for pixels in loader:
+        with precision.autocast():
+            emb = clip.model.encode_image(pixels.to(device, non_blocking=True), normalize=True)
+        yield emb.float().cpu().numpy()
+
+
+def store_in_blocks(
+    keys: list[str], batches: Iterable[np.ndarray], workdir: Path, fingerprint: str, kind: str,
+    on_batch: Callable[[int], None] | None = None, keep: bool = False,
+) -> dict[str, np.ndarray]:
+    """Write the embeddings of ``keys`` (in order, as ``batches`` yields them) to the store every
+    FLUSH_ROWS rows, so a crash loses at most one block. ``on_batch(done)`` follows each batch.
+
+    Returns:
+        key -> the stored (float16) embedding when ``keep``, else an empty dict.
+    """
+    out: dict[str, np.ndarray] = {}
     pending: list[np.ndarray] = []
-    done = 0
-    for batch in batches:
-        emb = embed_batch(batch)
-        n = len(emb)
-        pending_keys += keys[done:done + n]
+    start = done = 0
+
+    def flush() -> None:
+        nonlocal pending, start
+        block = np.concatenate(pending).astype(np.float16)
+        write_table(workdir, fingerprint, kind, keys[start:done], block)
+        if keep:
+            out.update(zip(keys[start:done], block))
+        pending, start = [], done
+
+    for emb in batches:
         pending.append(emb)
-        done += n
-        progress.advance(task, n)
-        if len(pending_keys) >= FLUSH_ROWS:
-            write_table(workdir, fingerprint, kind, pending_keys, np.concatenate(pending))
-            pending_keys, pending = [], []
-    if pending_keys:
-        write_table(workdir, fingerprint, kind, pending_keys, np.concatenate(pending))
+        done += len(emb)
+        if on_batch is not None:
+            on_batch(done)
+        if done - start >= FLUSH_ROWS:
+            flush()
+    if pending:
+        flush()
+    return out
 
 
 def embed_manifest(
@@ -132,18 +157,12 @@ def embed_manifest(
     fp = clip.fingerprint
     store = Workdir(workdir).rel(Workdir(workdir).embedding_store(fp))
     net = clip.model.eval()
-    precision = resolve_precision(None, dev)  # fp16 autocast on CUDA, fp32 elsewhere
+    precision = resolve_precision(None, dev)  # fp16 autocast on CUDA, fp32 elsewhere (captions)
     have_img, have_txt = _stored_keys(workdir, fp, "image"), _stored_keys(workdir, fp, "text")
     todo_img = sorted(k for k in images if k not in have_img)
     todo_txt = sorted(k for k in texts if k not in have_txt)
     log.info("%s (%s): %d/%d images and %d/%d captions to embed", store, clip.name, len(todo_img), len(images),
              len(todo_txt), len(texts))
-
-    @torch.no_grad()
-    def embed_images(pixels: torch.Tensor) -> np.ndarray:
-        with precision.autocast():
-            emb = net.encode_image(pixels.to(dev, non_blocking=True), normalize=True)
-        return emb.float().cpu().numpy()
 
     @torch.no_grad()
     def embed_texts(batch: list[str]) -> np.ndarray:
@@ -154,13 +173,15 @@ def embed_manifest(
     dim = int(clip.model_cfg["embed_dim"])
     with _progress() as progress:
         if todo_img:
-            loader = DataLoader(ImageFiles([images[k] for k in todo_img], clip.preprocess_val),
-                                batch_size=batch_size, num_workers=workers, pin_memory=dev.type == "cuda")
-            _embed_in_batches(todo_img, loader, embed_images, workdir, fp, "image", progress, "images")
+            task = progress.add_task("images", total=len(todo_img))
+            store_in_blocks(todo_img, encode_images(clip, [images[k] for k in todo_img], dev, batch_size, workers),
+                            workdir, fp, "image", on_batch=lambda done: progress.update(task, completed=done))
         if todo_txt:
             captions = [texts[k] for k in todo_txt]
-            text_batches = (captions[i:i + batch_size] for i in range(0, len(captions), batch_size))
-            _embed_in_batches(todo_txt, text_batches, embed_texts, workdir, fp, "text", progress, "captions")
+            text_batches = (embed_texts(captions[i:i + batch_size]) for i in range(0, len(captions), batch_size))
+            task = progress.add_task("captions", total=len(todo_txt))
+            store_in_blocks(todo_txt, text_batches, workdir, fp, "text",
+                            on_batch=lambda done: progress.update(task, completed=done))
     write_meta(workdir, fp, clip.name, str(clip_checkpoint), dim)
     summary = EmbedSummary(
         fingerprint=fp, model=clip.name, checkpoint=str(clip_checkpoint), dim=dim,

@@ -19,20 +19,17 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
-from curation.embed_store import read_table, store_dir, write_meta, write_table
+from curation.embed_store import read_table, store_dir, write_meta
 from curation.layout import Workdir
 from curation.manifest import read_manifest
 from curation.render import render_slices
-from training.clip_data import ImageFiles
 from training.clip_models import LoadedClip, load_clip
+from training.embed import encode_images, store_in_blocks
 from training.distributed import resolve_device
 from training.errors import TrainingError
-from training.precision import resolve_precision
 
 Progress = Callable[[str, int, int], None]
-FLUSH_ROWS = 16384  # embeddings per store write: bounds lost work on a crash, keeps rewrites rare
 
 
 @dataclass
@@ -145,28 +142,12 @@ class ClipRankFeatures:
         self._last = (ids, emb)
         return emb
 
-    @torch.no_grad()
     def _embed(self, keys: list[str], paths: list[str]) -> dict[str, np.ndarray]:
-        """Embed ``paths`` and write them to the store every FLUSH_ROWS; returns key -> float16."""
+        """Embed ``paths`` into the store (in blocks, see `training.embed.store_in_blocks`); returns key -> float16."""
         clip = self.clip
-        precision = resolve_precision(None, self.device)  # fp16 autocast on CUDA, fp32 elsewhere
-        loader = DataLoader(ImageFiles(paths, clip.preprocess_val), batch_size=self.batch_size,
-                            pin_memory=self.device.type == "cuda")
-        out: dict[str, np.ndarray] = {}
-        pending: list[np.ndarray] = []
-        start = done = 0
-        for pixels in loader:
-            with precision.autocast():
-                emb = clip.model.encode_image(pixels.to(self.device, non_blocking=True), normalize=True)
-            pending.append(emb.float().cpu().numpy().astype(np.float16))
-            done += len(emb)
-            self._report("embed", done, len(keys))
-            if done - start >= FLUSH_ROWS or done == len(keys):
-                block = np.concatenate(pending)
-                write_table(self.workdir, clip.fingerprint, "image", keys[start:done], block)
-                out.update(zip(keys[start:done], block))
-                pending, start = [], done
-        return out
+        batches = encode_images(clip, paths, self.device, self.batch_size)
+        return store_in_blocks(keys, batches, self.workdir, clip.fingerprint, "image", keep=True,
+                               on_batch=lambda done: self._report("embed", done, len(keys)))
 
     @torch.no_grad()
     def text_embedding(self, text: str) -> np.ndarray:
