@@ -26,7 +26,7 @@ MSD task folder (``Task09_Spleen`` with dataset.json modality CT), MR-like 256x2
 
 Usage (with the project installed, as in ``.venv``)::
 
-    python benchmarks/bench_slice.py                 # full run (4 CT + 4 MR + MNI)
+    python benchmarks/bench_slice.py                 # full run (8 CT + 7 MR + MNI: 16 volumes)
     python benchmarks/bench_slice.py --quick         # 1 volume of each kind
     python benchmarks/bench_slice.py --workers 2     # add a 2-process row for ours
 

@@ -9,9 +9,9 @@ import shutil
 import time
 from pathlib import Path
 
-DATA_VERSION = 1
+DATA_VERSION = 2
 KINDS = ("ct", "mr", "mni")
-N_FULL = {"ct": 4, "mr": 4, "mni": 1}
+N_FULL = {"ct": 8, "mr": 7, "mni": 1}
 
 def _nifti(data, affine, path: Path) -> None:
     import nibabel as nib

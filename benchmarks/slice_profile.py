@@ -61,8 +61,8 @@ def child_profile(args) -> dict:
         ("  clean_intensities (float32 copy, finite check)", getattr(pp, 'clean_intensities', None)),
         ("  percentile windows", getattr(pp, 'percentile_window', None)),
         ("  reorient (transpose/flip)", getattr(nibabel.orientations, 'apply_orientation', None)),
-        ("  resize3d (train + display + label)", getattr(pp, 'resize3d', None)),
-        ("  oblique resample", getattr(pp, 'resample_oblique', None)),
+        ("  resize3d (train + display + label)", getattr(pp, "resize3d", None)),
+        ("  oblique resample", getattr(pp, "resample_oblique", None)),
     ]
 
     set_root = Path(args.set_root)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from .caption import caption_cmd
-from .common import main, new_app, out
+from .common import new_app, out, run_console
 from .explore import query_cmd, report_cmd, stats_cmd
 from .lookup import lookup_cmd
 from .rank import rank_cmd
@@ -50,7 +50,7 @@ app.command("lookup")(lookup_cmd)
 
 def run() -> None:
     """Console script `curate`: one line per fault, tracebacks with --debug."""
-    main(app)
+    run_console(app)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,8 +8,6 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from curation.release_export import export_release
-
 from .common import WorkdirOpt, console, out
 
 
@@ -26,6 +24,8 @@ def export_cmd(
     open_clip_train flags that read it.
     """
     try:
+        from curation.release_export import export_release
+
         result = export_release(workdir, manifest, fmt, out_dir, shard_size=max(1, shard_size))
     except (FileNotFoundError, ValueError) as exc:
         console.print("[red]error:[/red] " + escape(str(exc)), soft_wrap=True)

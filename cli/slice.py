@@ -50,6 +50,10 @@ def slice_cmd(
     is non-zero only when nothing succeeded (with --shard: when the dataset has no volumes at
     all), or with --strict when anything failed.
     """
+    if workers > 1 and executor == "local":  # the workers' imports, beside this process's own
+        from curation.executor import start_fork_server
+
+        start_fork_server("curation.slice_step")
     from curation.preprocess import PreprocessConfig
     from curation.slicing import SliceConfig, make_executor, parse_shard, run_slice
 

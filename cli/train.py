@@ -16,7 +16,7 @@ from curation.manifest import resolve_manifest
 from training.errors import TrainingError
 
 from .common import WorkdirOpt, console, fail, new_app, out
-from .common import main as run_app
+from .common import run_console
 
 app = new_app("Train on curated slice-caption data: clip, embed, pretrain, export, finetune.")
 
@@ -334,7 +334,7 @@ def main(ctx: typer.Context) -> None:
 
 def run() -> None:
     """Console script `train`: one line per fault, tracebacks with --debug."""
-    run_app(app)
+    run_console(app)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -53,7 +53,23 @@ def body_mask(
         small = body_mask(vol[::s, ::s, ::s], level, max(1, open_iter // s), keep_ratio)
         big = small.repeat(s, 0).repeat(s, 1).repeat(s, 2)[: fg.shape[0], : fg.shape[1], : fg.shape[2]]
         return big & fg  # hole voxels are (nearly all) below ``level``: not needed here
-    core = ndimage.binary_opening(fg, structure=_CROSS, iterations=open_iter) if open_iter > 0 else fg
+    # everything below happens inside the foreground's bounding box (one background voxel of
+    # margin keeps the holes' "touches the border" test and the erosions exact)
+    box = tuple(
+        slice(max(int(np.argmax(hit)) - 1, 0), min(len(hit) - int(np.argmax(hit[::-1])) + 1, len(hit)))
+        for hit in (fg.any(axis=tuple(b for b in range(3) if b != a)) for a in range(3))
+    )
+    out = np.zeros_like(fg)
+    out[box] = _body(fg[box], open_iter, keep_ratio)
+    return out
+
+
+def _body(fg: np.ndarray, open_iter: int, keep_ratio: float) -> np.ndarray:
+    core = fg
+    for _ in range(open_iter):  # the opening: erosions, then as many dilations
+        core = _erode(core)
+    for _ in range(open_iter):
+        core = _dilate(core)
     if not core.any():  # everything is thin (a tiny or sheet-like volume): no opening
         core = fg
     lab, n = ndimage.label(core, structure=_CROSS)
@@ -63,10 +79,40 @@ def body_mask(
         keep = sizes >= keep_ratio * sizes.max()
         keep[0] = False
         core = keep[lab]
-    if open_iter > 0:
-        # twice the opening depth: corners of a discretised surface need more than one depth
-        core = ndimage.binary_dilation(core, structure=_CROSS, iterations=2 * open_iter, mask=fg)
+    # twice the opening depth, within the foreground: corners of a discretised surface need more
+    for _ in range(2 * open_iter):
+        core = _dilate(core) & fg
     return fill_axial_holes(core)
+
+
+# 6-connected erosion and dilation by shifted views: the same sets as ndimage's binary_erosion /
+# binary_dilation with a cross (outside the array counts as background), several times faster.
+
+
+def _erode(m: np.ndarray) -> np.ndarray:
+    out = m.copy()
+    for ax in range(m.ndim):
+        lo = [slice(None)] * m.ndim
+        hi = [slice(None)] * m.ndim
+        lo[ax], hi[ax] = slice(None, -1), slice(1, None)
+        out[tuple(hi)] &= m[tuple(lo)]
+        out[tuple(lo)] &= m[tuple(hi)]
+        edge = [slice(None)] * m.ndim
+        for i in (0, -1):
+            edge[ax] = i
+            out[tuple(edge)] = False
+    return out
+
+
+def _dilate(m: np.ndarray) -> np.ndarray:
+    out = m.copy()
+    for ax in range(m.ndim):
+        lo = [slice(None)] * m.ndim
+        hi = [slice(None)] * m.ndim
+        lo[ax], hi[ax] = slice(None, -1), slice(1, None)
+        out[tuple(hi)] |= m[tuple(lo)]
+        out[tuple(lo)] |= m[tuple(hi)]
+    return out
 
 
 def fill_axial_holes(mask: np.ndarray) -> np.ndarray:

@@ -100,20 +100,30 @@ def _one_thread_env() -> Iterator[None]:
                 os.environ.pop(var, None)
 
 
-def pool_context(step: object) -> BaseContext:
-    """A fork server that has imported the step's module once: each worker is a fork of it and
-    skips the seconds of imports a spawned interpreter pays (and shares those pages). Forked
-    from a process that ran no work, not from the caller (a fork of live torch thread pools can
-    hang). Where there is no fork server: spawn."""
+def start_fork_server(module: str) -> BaseContext:
+    """Start this process's fork server, importing ``module`` (no-op when it runs already).
+
+    It returns at once: the server imports in its own process, so a caller that starts it
+    before its own heavy imports pays for them once, on two cores side by side. Where there is
+    no fork server: the spawn context.
+    """
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     from multiprocessing import forkserver
 
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([type(step).__module__])  # effective when the server starts
+    ctx.set_forkserver_preload([module])  # effective when the server starts
     with _one_thread_env():
         forkserver.ensure_running()
     return ctx
+
+
+def pool_context(step: object) -> BaseContext:
+    """A fork server that has imported the step's module once: each worker is a fork of it and
+    skips the seconds of imports a spawned interpreter pays (and shares those pages). Forked
+    from a process that ran no work, not from the caller (a fork of live torch thread pools can
+    hang). Where there is no fork server: spawn."""
+    return start_fork_server(type(step).__module__)
 
 
 class LocalExecutor(Executor[ItemT, ResultT]):

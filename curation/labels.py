@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
+from .nib import nib
 import numpy as np
 
 from .volume_io import LoadedVolume, VolumeError, load_nifti

@@ -12,14 +12,16 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .fsutil import atomic_path
 from .layout import Workdir
+
+if TYPE_CHECKING:  # pandas is imported by those who pass DataFrames: slicing workers need none
+    import pandas as pd
 
 SCHEMA_VERSION = "1"
 PLANES: tuple[str, ...] = ("axial", "coronal", "sagittal")
@@ -49,7 +51,8 @@ VOLUMES_SCHEMA = pa.schema(
         ("cube_mm", pa.float64()),
         ("display_spacing", pa.list_(pa.float64())),
         ("display_window", pa.list_(pa.float64())),
-        ("display_offset", pa.list_(pa.int64())),
+        ("display_origin_mm", pa.list_(pa.float64())),  # where the display box starts in the cube
+        ("display_offset", pa.list_(pa.int64())),  # volumes sliced before the lazy display volume
         ("intensity_window", pa.list_(pa.float64())),
         ("n_slices", pa.int32()),
         ("source_sha256", pa.string()),
@@ -228,15 +231,19 @@ def flag_duplicates(volumes: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_manifest(
-    df: pd.DataFrame,
+    df: pd.DataFrame | pa.Table,
     path: str | Path,
     schema: pa.Schema | None = None,
     extra_meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Atomically write ``df`` as Parquet at ``path`` with provenance metadata."""
+    """Atomically write ``df`` (a DataFrame, or an Arrow table holding ``schema``'s columns) as
+    Parquet at ``path`` with provenance metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = to_table(df, schema)
+    if isinstance(df, pa.Table):
+        table = df if schema is None else df.select(schema.names).cast(schema)
+    else:
+        table = to_table(df, schema)
     table = table.replace_schema_metadata(_metadata(extra_meta))
     with atomic_path(path, fsync=True) as tmp:
         pq.write_table(table, tmp, compression="zstd")

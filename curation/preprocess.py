@@ -4,22 +4,25 @@ Both outputs are made straight from the source voxels with one interpolation eac
 
 - the *training volume*: the data box padded to a cube of side L mm (L = largest extent) and
   resampled to ``grid^3`` (voxel size L/grid), intensities in [0, 1], float16;
-- the *display volume*: the data box at ``spacing`` mm isotropic, windowed for viewing, uint8.
+- the *display volume*: the data box, windowed for viewing, uint8, kept lazily: the reoriented
+  source grid itself, with only the axes finer than ``spacing`` mm (or longer than
+  ``max_display_dim`` voxels) shrunk. Coarse axes (5 mm CT slices) are not grown to 1 mm here:
+  `curation.render` interpolates the one plane a PNG needs when it is rendered.
 
 Axis-aligned sources (any permutation/flip of RAS, the common case) are reoriented exactly
 by transposes and flips (no interpolation), then resized with antialiasing on the axes that
 shrink. Oblique or sheared sources (double-oblique MR, tilted-gantry CT) are resampled from
-the source affine directly onto the RAS-aligned target grids (trilinear; labels nearest).
+the source affine directly onto the RAS-aligned target grids (trilinear; labels nearest; the
+display volume at ``spacing`` mm isotropic).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import nibabel as nib
+from .nib import nib
 import numpy as np
-from scipy import ndimage, sparse
-
+from .resample import resample_oblique, resize3d
 from .volume_io import VolumeError
 
 # Display windows (HU) for CT by body region: what a radiologist would look at first.
@@ -34,12 +37,17 @@ CT_DISPLAY_WINDOWS: dict[str, tuple[float, float]] = {
 }
 
 
+# An aligned source axis is shrunk for the display volume only when its voxels are finer than
+# this fraction of the display spacing (a 0.95 mm axis is kept as acquired, not resampled to 1 mm).
+DISPLAY_SHRINK_BELOW = 0.9
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """Preprocessing parameters; one place for their defaults."""
 
     grid_size: int = 128
-    spacing: float = 1.0  # display volume voxel size (mm)
+    spacing: float = 1.0  # finest display-volume voxel size (mm); coarser source axes are kept
     ct_window: tuple[float, float] = (-1000.0, 1000.0)  # training volume HU window
     mr_percentiles: tuple[float, float] = (0.5, 99.5)
     max_display_dim: int = 640  # cap on display voxels per axis (spacing grows beyond it)
@@ -61,10 +69,10 @@ class PreprocessConfig:
 class Preprocessed:
     volume: np.ndarray  # (G, G, G) float16 in [0, 1], RAS
     label: np.ndarray | None  # (G, G, G) smallest unsigned type holding every value, RAS
-    display: np.ndarray  # (X, Y, Z) uint8, RAS, display_spacing mm
+    display: np.ndarray  # (X, Y, Z) uint8, RAS, display_spacing mm per axis
     cube_mm: float
     display_spacing: list[float]
-    display_offset: list[int]  # padding (display voxels) placing the display box in the cube
+    display_origin_mm: list[float]  # where the display box starts inside the cube, per axis (mm)
     intensity_window: list[float]
     display_window: list[float]
     meta: dict = field(default_factory=dict)
@@ -76,14 +84,18 @@ def _is_axis_aligned(affine: np.ndarray, tol: float = 1e-4) -> bool:
 
 
 def clean_intensities(data: np.ndarray, name: str) -> np.ndarray:
-    """float32 copy with NaN/inf replaced by the minimum finite value; errors on empty input."""
-    arr = np.asarray(data, dtype=np.float32)
-    finite = np.isfinite(arr)
-    if not finite.all():
-        if not finite.any():
-            raise VolumeError(f"{name}: every voxel is NaN or infinite")
-        arr = np.where(finite, arr, np.min(arr[finite]))
-    lo, hi = float(arr.min()), float(arr.max())
+    """float32 (in the source's memory order; a view when it is float32 already) with NaN/inf
+    replaced by the minimum finite value; errors on empty input."""
+    src = np.asarray(data)
+    arr = src.astype(np.float32, copy=False)
+    if src.dtype.kind == "f":
+        finite = np.isfinite(arr)
+        if not finite.all():
+            if not finite.any():
+                raise VolumeError(f"{name}: every voxel is NaN or infinite")
+            arr = np.where(finite, arr, np.min(arr[finite]))
+    ints = src.dtype.kind in "iub"  # integers: min and max on the narrower source type
+    lo, hi = (float(src.min()), float(src.max())) if ints else (float(arr.min()), float(arr.max()))
     if hi - lo < 1e-6:
         raise VolumeError(f"{name}: empty volume (all voxels equal {lo:g})")
     return arr
@@ -115,86 +127,6 @@ def display_window(arr: np.ndarray, modality: str, body_region: str | None, cfg:
         lo, hi = CT_DISPLAY_WINDOWS.get(region, CT_DISPLAY_WINDOWS["default"])
         return [lo, hi]
     return percentile_window(arr, cfg.mr_percentiles)
-
-
-def _shrink_weights(n: int, m: int) -> sparse.csr_matrix:
-    """(m, n) weights of an axis that shrinks: a triangle filter as wide as the scale, normalised
-    (antialiased linear, as PIL and torch's ``antialias=True`` compute it)."""
-    scale = n / m
-    rows: list[int] = []
-    cols: list[int] = []
-    vals: list[float] = []
-    for i in range(m):
-        center = scale * (i + 0.5)
-        j = np.arange(max(int(center - scale + 0.5), 0), min(int(center + scale + 0.5), n))
-        w = np.clip(1.0 - np.abs((j - center + 0.5) / scale), 0.0, None)
-        rows += [i] * len(j)
-        cols += j.tolist()
-        vals += (w / w.sum()).tolist()
-    return sparse.csr_matrix((np.asarray(vals, np.float32), (rows, cols)), shape=(m, n))
-
-
-def _shrink(arr: np.ndarray, axis: int, m: int) -> np.ndarray:
-    moved = np.moveaxis(arr, axis, 0)
-    flat = np.ascontiguousarray(moved).reshape(moved.shape[0], -1)
-    out = (_shrink_weights(arr.shape[axis], m) @ flat).astype(np.float32, copy=False)
-    return np.moveaxis(out.reshape((m, *moved.shape[1:])), 0, axis)
-
-
-def _grow(arr: np.ndarray, axis: int, m: int) -> np.ndarray:
-    """Linear interpolation of an axis that grows (voxel-edge aligned, align_corners=False)."""
-    n = arr.shape[axis]
-    src = np.maximum((np.arange(m) + 0.5) * (n / m) - 0.5, 0.0)
-    j0 = np.minimum(np.floor(src).astype(np.int64), n - 1)
-    j1 = np.minimum(j0 + 1, n - 1)
-    shape = [1] * arr.ndim
-    shape[axis] = m
-    lam = (src - j0).astype(np.float32).reshape(shape)
-    out = np.take(arr, j0, axis=axis)
-    nxt = np.take(arr, j1, axis=axis)
-    out *= 1.0 - lam
-    nxt *= lam
-    out += nxt
-    return out
-
-
-def resize3d(arr: np.ndarray, out_shape: tuple[int, int, int], order: int = 1) -> np.ndarray:
-    """Resize so that the voxel-edge boxes coincide (align_corners=False semantics).
-
-    Linear (``order=1``): one separable pass per axis, axes that shrink first (antialiased: they
-    reduce the data), then the axes that grow; a single linear interpolation per axis, float32.
-    ``order=0`` is nearest neighbour (labels), exact for any integer type. NumPy/SciPy only: no
-    torch in the slicing path (its import alone costs seconds per process).
-    """
-    out_shape = tuple(int(v) for v in out_shape)
-    if tuple(arr.shape) == out_shape:
-        return arr
-    if order == 0:
-        idx = [np.minimum(((np.arange(m) + 0.5) * (n / m)).astype(np.int64), n - 1)
-               for n, m in zip(arr.shape, out_shape)]
-        return np.asarray(arr)[np.ix_(*idx)]
-    out = np.asarray(arr, dtype=np.float32)
-    for axis in sorted(range(3), key=lambda a: out_shape[a] >= out.shape[a]):
-        n, m = out.shape[axis], out_shape[axis]
-        if m < n:
-            out = _shrink(out, axis, m)
-        elif m > n:
-            out = _grow(out, axis, m)
-    return np.ascontiguousarray(out)
-
-
-def resample_oblique(
-    data: np.ndarray, src_affine: np.ndarray, out_affine: np.ndarray, out_shape: tuple[int, ...], order: int, cval: float
-) -> np.ndarray:
-    """Resample ``data`` onto an ``out_shape`` grid with voxel->world ``out_affine``.
-
-    Target voxels are pulled from source voxels through both affines in one interpolation
-    (``order`` 1: linear, 0: nearest); points outside the source get ``cval``.
-    """
-    mapping = np.linalg.inv(src_affine) @ out_affine
-    return ndimage.affine_transform(
-        data, mapping[:3, :3], offset=mapping[:3, 3], output_shape=out_shape, order=order, mode="constant", cval=cval
-    )
 
 
 @dataclass
@@ -230,13 +162,12 @@ def preprocess(
         raise VolumeError(f"{name}: label shape {tuple(label.shape)} does not match image shape {tuple(data.shape)}")
     arr = clean_intensities(data, name)
     win = intensity_window(arr, modality, cfg)
-    dwin = display_window(arr, modality, body_region, cfg)
+    dwin = display_window(arr, modality, body_region, cfg) if modality == "CT" else list(win)  # MR: same percentiles
     G = cfg.grid_size
     geo = _geometry(arr.shape, affine)
-    if geo.aligned:
+    if geo.aligned:  # RAS by flips and transposes: views, no copy (resize3d reads any layout)
         ornt = nib.orientations.io_orientation(affine)
-        # one contiguous copy here instead of one per resize below
-        arr = np.ascontiguousarray(nib.orientations.apply_orientation(arr, ornt))
+        arr = nib.orientations.apply_orientation(arr, ornt)
         if label is not None:
             label = nib.orientations.apply_orientation(np.asarray(label), ornt)
     ext = geo.extent
@@ -247,11 +178,13 @@ def preprocess(
     pad = (G - n_train) // 2
     d = max(cfg.spacing, L / cfg.max_display_dim)
     n_disp = np.maximum(1, np.round(ext / d)).astype(int)
-    fill = float(arr.min())
+    if geo.aligned:  # never grown; shrunk only where the source is clearly finer than d
+        n_src = np.asarray(arr.shape)
+        n_disp = np.where(n_disp < n_src * DISPLAY_SHRINK_BELOW, n_disp, n_src).astype(int)
+    fill = float(arr.min()) if not geo.aligned else 0.0
 
     if geo.aligned:
         train = resize3d(arr, tuple(n_train))
-        disp = resize3d(arr, tuple(n_disp))
         lab = resize3d(np.asarray(label), tuple(n_train), order=0) if label is not None else None
     else:
         def grid_affine(n: np.ndarray) -> np.ndarray:
@@ -261,7 +194,6 @@ def preprocess(
             return out
 
         train = resample_oblique(arr, affine, grid_affine(n_train), tuple(n_train), 1, fill)
-        disp = resample_oblique(arr, affine, grid_affine(n_disp), tuple(n_disp), 1, fill)
         lab = (
             resample_oblique(np.asarray(label), affine, grid_affine(n_train), tuple(n_train), 0, 0)
             if label is not None
@@ -271,25 +203,35 @@ def preprocess(
     vol = np.zeros((G, G, G), dtype=np.float16)
     sl = tuple(slice(p, p + n) for p, n in zip(pad, n_train))
     vol[sl] = np.clip((train - win[0]) / (win[1] - win[0]), 0.0, 1.0).astype(np.float16)
+    del train
     lab_out = None
     if lab is not None:
-        lab = np.rint(np.asarray(lab)).astype(np.int64)
+        lab = np.asarray(lab)
+        lab = lab.astype(np.int64) if lab.dtype.kind in "iub" else np.rint(lab).astype(np.int64)
         if lab.min() < 0:
             raise VolumeError(f"{name}: label volume has negative values")
         dtype = np.min_scalar_type(int(lab.max()))  # wide enough: 70000 stays 70000
         lab_out = np.zeros((G, G, G), dtype=dtype)
         lab_out[sl] = lab.astype(dtype)
-    display = _window_uint8(disp if disp is not arr else disp.copy(), dwin)
+
+    if geo.aligned:
+        disp = resize3d(arr, tuple(n_disp))
+    else:
+        disp = resample_oblique(arr, affine, grid_affine(n_disp), tuple(n_disp), 1, fill)
+    if np.may_share_memory(disp, data):  # windowing works in place: never on the caller's array
+        disp = disp.copy()
+    # uint8 in the source's memory order (a NIfTI's Fortran order is saved as such: no transpose)
+    display = _window_uint8(disp, dwin)
     disp_spacing = [float(v) for v in ext / n_disp]
-    # Offset of the display box inside the cube, in display voxels (cube canvas = L / spacing).
-    disp_offset = [int(round(p * s / dsp)) for p, dsp in zip(pad, disp_spacing)]
+    # The display box is centred on the training data box (pad .. pad + n_train grid voxels).
+    origin = [float((p + n / 2) * s - e / 2) for p, n, e in zip(pad, n_train, ext)]
     return Preprocessed(
         volume=vol,
         label=lab_out,
         display=display,
         cube_mm=L,
         display_spacing=disp_spacing,
-        display_offset=disp_offset,
+        display_origin_mm=origin,
         intensity_window=win,
         display_window=dwin,
         meta={"aligned": geo.aligned},

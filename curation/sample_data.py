@@ -21,7 +21,7 @@ import json
 import tempfile
 from pathlib import Path
 
-import nibabel as nib
+from .nib import nib
 import numpy as np
 
 from .fsutil import atomic_write_bytes

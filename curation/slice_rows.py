@@ -8,13 +8,16 @@ air, the CT table or background noise); its row carries position, that body frac
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 
 from .body_mask import body_mask
 from .manifest import PLANE_AXIS, PLANES, RANK_COLUMNS, SLICES_SCHEMA
 
 # Bump when the rule deciding which slices exist changes (a slice-step fingerprint can include it).
 ROWS_VERSION = 2
+
+# A volume's slices.parquet: the slices manifest's columns that `curate slice` fills.
+ROWS_SCHEMA = pa.schema([f for f in SLICES_SCHEMA if f.name not in RANK_COLUMNS])
 
 
 def slice_rows(
@@ -24,8 +27,9 @@ def slice_rows(
     label_names: dict[str, str],
     level: float,
     min_foreground: float,
-) -> pd.DataFrame:
-    """One row per slice along each plane whose body fraction reaches ``min_foreground``.
+) -> pa.Table:
+    """One row per slice along each plane whose body fraction reaches ``min_foreground``, as
+    an Arrow table (``ROWS_SCHEMA``: no pandas in the slicing workers).
 
     ``foreground_fraction`` is the fraction of the slice inside ``body_mask(vol, level)``, so a
     coronal slice through the CT table alone, or one of MR background noise, has 0 and is
@@ -37,7 +41,10 @@ def slice_rows(
     present: dict[int, dict[int, np.ndarray]] = {}
     values: list[int] = []
     if label is not None:
-        values = [int(v) for v in np.unique(label) if v != 0]
+        if label.dtype.kind == "u" and label.dtype.itemsize <= 2:  # counting is faster than sorting
+            values = [int(v) for v in np.flatnonzero(np.bincount(label.ravel())) if v != 0]
+        else:
+            values = [int(v) for v in np.unique(label) if v != 0]
         for v in values:
             m = label == v
             present[v] = {ax: m.any(axis=tuple(a for a in range(3) if a != ax)) for ax in range(3)}
@@ -66,4 +73,6 @@ def slice_rows(
                     "labels_present": sorted(set(labels)),
                 }
             )
-    return pd.DataFrame(rows, columns=[f.name for f in SLICES_SCHEMA if f.name not in RANK_COLUMNS])
+    # column by column: Table.from_pylist would import pandas (a second per worker) to build it
+    columns = [pa.array([r[f.name] for r in rows], type=f.type) for f in ROWS_SCHEMA]
+    return pa.Table.from_arrays(columns, schema=ROWS_SCHEMA)

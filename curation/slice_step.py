@@ -324,7 +324,7 @@ def _write_volume(wd: Workdir, vdir: Path, rec: dict[str, Any], pre: Any, spec: 
         display_path=wd.rel(vdir / "display.npy.zst"),
         cube_mm=pre.cube_mm,
         display_spacing=pre.display_spacing,
-        display_offset=pre.display_offset,
+        display_origin_mm=pre.display_origin_mm,
         display_window=pre.display_window,
         intensity_window=pre.intensity_window,
         n_slices=len(rows),
@@ -334,6 +334,6 @@ def _write_volume(wd: Workdir, vdir: Path, rec: dict[str, Any], pre: Any, spec: 
     if rec.get("notes"):
         rec["notes"] = spec.safe_text(rec["notes"])
     if cfg.render_all:
-        render_volume_slices(wd.root, rec, rows, size=cfg.render_size)
+        render_volume_slices(wd.root, rec, rows.to_pandas(), size=cfg.render_size)
     # the done marker, written last
     atomic_write_bytes(wd.volume_record(rec["volume_id"]), json.dumps(rec, sort_keys=True).encode(), fsync=True)

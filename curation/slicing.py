@@ -13,9 +13,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .datasets import discover
 from .executor import Executor, LocalExecutor
@@ -24,6 +22,9 @@ from .manifest import RANK_COLUMNS, SLICES_SCHEMA, VOLUMES_SCHEMA, flag_duplicat
 from .private_map import PrivateMap
 from .slice_step import SliceConfig, SliceStep
 from .volume_spec import VolumeSpec
+
+if TYPE_CHECKING:  # imported where manifests are assembled: not before the workers start
+    import pandas as pd
 
 __all__ = ["SliceConfig", "SliceStep", "SliceSummary", "assemble", "make_executor", "merge_shards", "parse_shard", "run_slice"]
 
@@ -165,6 +166,8 @@ def run_slice(
                 summary.errors += 1
                 summary.error_lines.append(rec["error"])
                 log(f"error: {rec['error']}")
+        if done == 1 and total > 1:  # the manifests need pandas: load it while volumes run
+            import pandas  # noqa: F401
         if on_progress:
             on_progress(done, total, spec.display_path)
 
@@ -194,6 +197,8 @@ def _write_volumes(vol_df: pd.DataFrame, path: Path, extra_meta: dict[str, Any] 
 
 def assemble(records: list[dict[str, Any]], workdir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Volume rows from records; slice rows from each ok volume's slices.parquet."""
+    import pandas as pd
+
     cols = [f.name for f in VOLUMES_SCHEMA]
     vol_df = pd.DataFrame([{k: r.get(k) for k in cols} for r in records], columns=cols)
     parts = []
@@ -221,6 +226,8 @@ def _with_other_datasets(
     vol_df: pd.DataFrame, slice_df: pd.DataFrame, workdir: Path, dataset: str | set[str]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One workdir can hold several datasets: a run replaces only its own dataset's rows."""
+    import pandas as pd
+
     datasets = {dataset} if isinstance(dataset, str) else set(dataset)
     vpath, spath = Workdir(workdir).volumes_manifest, Workdir(workdir).slices_manifest
     if not vpath.exists():
@@ -240,6 +247,8 @@ def _with_other_datasets(
 
 def merge_shards(workdir: Path) -> tuple[Path, Path, int, int]:
     """`curate merge`: combine shard manifests into volumes.parquet and slices.parquet."""
+    import pandas as pd
+
     wd = Workdir(workdir)
     shard_dir = wd.shards
     vols = sorted(shard_dir.glob("volumes.*-of-*.parquet"))

@@ -9,8 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import nibabel as nib
+from .nib import nib
 import numpy as np
+
+try:  # optional: Intel ISA-L's inflate (the [fast] extra)
+    from isal import igzip as _gzip
+except ImportError:  # pragma: no cover - depends on the install
+    import gzip as _gzip
 
 
 class VolumeError(Exception):
@@ -104,9 +109,14 @@ def load_nifti(path: str | Path, mmap: bool = False, max_voxels: int | None = DE
             img = nib.load(str(path), mmap=mmap)
             check_declared_size(img, path, max_voxels)
             affine = np.asarray(img.affine, dtype=np.float64)
-            data = np.asarray(img.dataobj)
-            if data.dtype.kind in "ui" and img.dataobj.slope in (1.0, None) and img.dataobj.inter in (0.0, None):
+            unscaled = img.dataobj.slope in (1.0, None) and img.dataobj.inter in (0.0, None)
+            data = read_gz_voxels(img, path) if unscaled and not mmap else None
+            if data is None:
+                data = np.asarray(img.dataobj)
+            if data.dtype.kind in "ui" and unscaled:
                 pass  # integer data without scaling: keep the small dtype until preprocessing
+            elif unscaled and data.dtype.kind == "f":
+                data = data.astype(np.float64 if label else np.float32, copy=False)
             else:
                 data = np.asarray(img.get_fdata(dtype=np.float64 if label else np.float32))
         except VolumeError:
@@ -119,6 +129,27 @@ def load_nifti(path: str | Path, mmap: bool = False, max_voxels: int | None = DE
         raise VolumeError(f"{path}: degenerate affine (zero or non-finite voxel size)")
     notes = sorted({_one_line(w.message) for w in caught} | {_one_line(m) for m in logged})
     return LoadedVolume(data=data, affine=affine, modality=None, meta={"format": "nifti", "warnings": notes})
+
+
+def read_gz_voxels(img: Any, path: Path) -> np.ndarray | None:
+    """The stored voxels of a single-file ``.nii.gz``, inflated straight into the array (by
+    ``isal`` where installed: about twice as fast as the standard library, as nibabel uses it);
+    None for other files. Raises EOFError when the file ends before the declared data does."""
+    if not path.name.lower().endswith(".nii.gz") or not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        return None
+    proxy = img.dataobj  # where nibabel itself would read: offset, dtype, shape, order
+    order = getattr(proxy, "order", "F")
+    out = np.empty(proxy.shape, dtype=proxy.dtype, order=order)
+    flat = memoryview(out.reshape(-1, order=order)).cast("B")
+    with _gzip.open(path, "rb") as fh:
+        fh.seek(int(proxy.offset))
+        got = 0
+        while got < len(flat):
+            n = fh.readinto(flat[got:])
+            if not n:
+                raise EOFError(f"the file ends after {got:,} of the {len(flat):,} data bytes its header declares")
+            got += n
+    return out
 
 
 @contextmanager

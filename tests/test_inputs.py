@@ -226,3 +226,34 @@ def test_filesystem_faults_are_one_line_and_a_nonzero_exit(tmp_path: Path, monke
     with pytest.raises(WorkdirError, match="No space left on device"):
         _run(root, w)
     assert (w / "manifests/volumes.parquet").read_bytes() == manifest
+
+
+@pytest.mark.parametrize("dtype", ["<i2", ">i2", "u1", "<f4", ">f8", "<u2"])
+def test_gz_voxels_read_as_nibabel_reads_them(tmp_path: Path, dtype: str) -> None:
+    """The inflate-into-the-array reader returns nibabel's values, type and shape, scaled files
+    fall back to nibabel, and a file cut short is one line naming it."""
+    from curation.volume_io import VolumeError, load_nifti
+
+    rng = np.random.default_rng(3)
+    data = (rng.random((21, 17, 9)) * 200).astype(dtype)
+    img = nib.Nifti1Image(data, ras_affine())
+    img.header.set_data_dtype(np.dtype(dtype))
+    path = tmp_path / "v.nii.gz"
+    nib.save(img, str(path))
+    ref = np.asarray(nib.load(str(path)).dataobj)
+    got = load_nifti(path).data
+    if ref.dtype.kind == "f":
+        ref = ref.astype(np.float32)
+    assert got.dtype.kind == ref.dtype.kind and got.shape == ref.shape
+    np.testing.assert_array_equal(got, ref)
+    # a scaled file (slope/intercept) is nibabel's get_fdata
+    scaled = nib.Nifti1Image(data.astype(np.int16), ras_affine())
+    scaled.header.set_slope_inter(0.5, -3.0)
+    nib.save(scaled, str(tmp_path / "s.nii.gz"))
+    np.testing.assert_allclose(load_nifti(tmp_path / "s.nii.gz").data, nib.load(str(tmp_path / "s.nii.gz")).get_fdata())
+    # truncated: the header is whole, the voxels are not
+    raw = gzip.decompress(path.read_bytes())
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(gzip.compress(raw[: len(raw) - 100]))
+    with pytest.raises(VolumeError, match=r"cut\.nii\.gz: cannot read image"):
+        load_nifti(cut)

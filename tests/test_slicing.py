@@ -106,19 +106,49 @@ def test_radiological_display_convention(tmp_path: Path, phantom):
     vols = read_manifest(tmp_path / "w/manifests/volumes.parquet")
     v = vols.iloc[0].to_dict()
     dsp = load_display(tmp_path / "w" / v["display_path"])
-    from curation.render import slice_canvas
+    from curation.render import slice_pixels
 
     # Axial slice through the RAS blob (x, y, z > 0): patient right -> image left, anterior -> top.
-    img = slice_canvas(dsp, v, "axial", int(G * 0.7))
+    img = slice_pixels(dsp, v, "axial", int(G * 0.7), size=96)
     bright = np.argwhere(img == img.max()).mean(axis=0)
     assert bright[0] < img.shape[0] / 2, "anterior should be at the top"
     assert bright[1] < img.shape[1] / 2, "patient right should be on the image left"
-    img = slice_canvas(dsp, v, "coronal", int(G * 0.68))
+    img = slice_pixels(dsp, v, "coronal", int(G * 0.68), size=96)
     bright = np.argwhere(img == img.max()).mean(axis=0)
     assert bright[0] < img.shape[0] / 2 and bright[1] < img.shape[1] / 2  # superior top, right on left
-    img = slice_canvas(dsp, v, "sagittal", int(G * 0.72))
+    img = slice_pixels(dsp, v, "sagittal", int(G * 0.72), size=96)
     bright = np.argwhere(img == img.max()).mean(axis=0)
     assert bright[0] < img.shape[0] / 2 and bright[1] < img.shape[1] / 2  # superior top, anterior left
+    # a volume sliced before the lazy display volume (integer display_offset) still renders
+    old_style = dict(v, display_origin_mm=None, display_offset=[round(o) for o in v["display_origin_mm"]])
+    for plane in ("axial", "coronal", "sagittal"):
+        a, b = (slice_pixels(dsp, rec, plane, G // 2, size=96).astype(int) for rec in (v, old_style))
+        assert np.abs(a - b).mean() < 4
+
+
+def test_lazy_display_volume_renders_the_training_slice(tmp_path: Path):
+    """Thick slices stay thick in the display volume (no eager 1 mm resample; fine in-plane axes
+    shrink to --spacing) and every PNG still shows what the training slice shows, where it is."""
+    data, _ = phantom_ras((48, 40, 8))
+    d, a = reorient(data, ras_affine(spacing=(0.5, 0.6, 4.0)), "LPS")
+    save_nifti(tmp_path / "data" / "ph.nii.gz", d, a)
+    run_slice("nifti", tmp_path / "data", cfg_for(tmp_path / "w"), log=quiet)
+    v = read_manifest(tmp_path / "w/manifests/volumes.parquet").iloc[0].to_dict()
+    dsp = load_display(tmp_path / "w" / v["display_path"])
+    assert dsp.shape == (24, 24, 8)  # 24 x 24 x 32 mm: 1 mm in-plane, the 4 mm slices kept
+    assert list(v["display_spacing"]) == pytest.approx([1.0, 1.0, 4.0])
+    vol = np.load(tmp_path / "w" / v["volume_path"]).astype(np.float32)
+    from curation.render import slice_pixels
+
+    errors, flipped = [], []
+    for plane, ax in (("sagittal", 0), ("coronal", 1), ("axial", 2)):
+        for k in (9, 14, 19, 23):
+            png = slice_pixels(dsp, v, plane, k, size=G) / 255.0  # MR: same window as training
+            same = np.ascontiguousarray(np.take(vol, k, axis=ax)[::-1, ::-1].T)
+            errors.append(np.abs(png - same).mean())
+            flipped.append(np.abs(png - same[::-1, ::-1]).mean())
+            assert errors[-1] < 0.02, (plane, k)
+    assert sum(flipped) > 3 * sum(errors)  # the comparison can tell a misplaced image
 
 
 def _write_bad_inputs(root: Path, data: np.ndarray) -> dict[str, Path]:
