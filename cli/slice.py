@@ -24,7 +24,7 @@ def slice_cmd(
     root: Path = typer.Option(..., "--root", help="Dataset root folder.", exists=True, file_okay=False),
     workdir: Path = WorkdirOpt,
     grid_size: int = typer.Option(128, "--grid-size", help="Cube grid of the training volume (paper: 128)."),
-    spacing: float = typer.Option(1.0, "--spacing", help="Display-volume voxel size in mm."),
+    spacing: float = typer.Option(1.0, "--spacing", help="Finest display-volume voxel size in mm: finer source axes shrink to it, coarser ones are kept as acquired."),
     min_foreground: float = typer.Option(0.01, "--min-foreground", help="Skip slices with less foreground than this fraction."),
     ct_window: str = typer.Option("-1000,1000", "--ct-window", help="HU window mapped to [0,1] for CT training volumes."),
     label_root: Optional[Path] = typer.Option(None, "--label-root", help="nifti: folder holding label files."),
@@ -53,7 +53,7 @@ def slice_cmd(
     if workers > 1 and executor == "local":  # the workers' imports, beside this process's own
         from curation.executor import start_fork_server
 
-        start_fork_server("curation.slice_step")
+        start_fork_server("curation.slice_worker")
     from curation.preprocess import PreprocessConfig
     from curation.slicing import SliceConfig, make_executor, parse_shard, run_slice
 

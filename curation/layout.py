@@ -2,7 +2,7 @@
 
 ```
 manifests/    volumes.parquet, slices.parquet, v1.parquet, ... (shards/ for --shard runs)
-volumes/      <volume_id>/ volume.npy, label.npy, display.npy.zst, slices.parquet, record.json
+volumes/      <volume_id>/ volume.npy, label.npy, display.npy.zst, slices.json, record.json
 cache/        png/<size>/<volume_id>/<plane>_<index>.png, captions.sqlite (+ .parquet), batches/
 embeddings/   <fingerprint>/ image.parquet, text.parquet, meta.json; latest.json
 checkpoints/  clip/, pretrain/
@@ -68,6 +68,14 @@ class Workdir:
     def volume_record(self, volume_id: str) -> Path:
         """The per-volume "done" marker, written last."""
         return self.volume_dir(volume_id) / "record.json"
+
+    def volume_rows(self, volume_id: str) -> Path:
+        """The volume's slice rows (JSON) that assembling the slices manifest reads; volumes
+        sliced before it was JSON have ``slices.parquet`` instead (`legacy_volume_rows`)."""
+        return self.volume_dir(volume_id) / "slices.json"
+
+    def legacy_volume_rows(self, volume_id: str) -> Path:
+        return self.volume_dir(volume_id) / "slices.parquet"
 
     # cache -----------------------------------------------------------------------------
     @property

@@ -84,10 +84,11 @@ def _is_axis_aligned(affine: np.ndarray, tol: float = 1e-4) -> bool:
 
 
 def clean_intensities(data: np.ndarray, name: str) -> np.ndarray:
-    """float32 (in the source's memory order; a view when it is float32 already) with NaN/inf
-    replaced by the minimum finite value; errors on empty input."""
+    """The source itself when it holds integers (resampling converts it a slice at a time), else
+    float32 (a view when it is float32 already) with NaN/inf replaced by the minimum finite
+    value; errors on empty input."""
     src = np.asarray(data)
-    arr = src.astype(np.float32, copy=False)
+    arr = src if src.dtype.kind in "iub" else src.astype(np.float32, copy=False)
     if src.dtype.kind == "f":
         finite = np.isfinite(arr)
         if not finite.all():
@@ -181,6 +182,8 @@ def preprocess(
     if geo.aligned:  # never grown; shrunk only where the source is clearly finer than d
         n_src = np.asarray(arr.shape)
         n_disp = np.where(n_disp < n_src * DISPLAY_SHRINK_BELOW, n_disp, n_src).astype(int)
+    if not geo.aligned:  # the affine resampler keeps its input's type: resample floats
+        arr = arr.astype(np.float32, copy=False)
     fill = float(arr.min()) if not geo.aligned else 0.0
 
     if geo.aligned:

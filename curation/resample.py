@@ -15,14 +15,19 @@ import alone costs seconds per process).
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import ndimage, sparse
+
+if TYPE_CHECKING:  # SciPy loads where it resamples: `curate slice`'s main process needs none
+    from scipy import sparse
 
 
 @lru_cache(maxsize=64)
 def axis_weights(n: int, m: int) -> sparse.csr_matrix:
     """(m, n) weights taking an axis of n voxels to m voxels (voxel edges aligned)."""
+    from scipy import sparse
+
     scale = n / m
     if m > n:  # grow: linear between the two nearest source voxels
         src = np.maximum((np.arange(m) + 0.5) * scale - 0.5, 0.0)
@@ -51,7 +56,7 @@ def _outer(c: np.ndarray, m: int) -> np.ndarray:
     n = c.shape[0]
     if n == m:
         return c
-    out = axis_weights(n, m) @ c.reshape(n, -1)
+    out = axis_weights(n, m) @ c.reshape(n, -1).astype(np.float32, copy=False)
     return np.asarray(out, dtype=np.float32).reshape(m, *c.shape[1:])
 
 
@@ -64,7 +69,7 @@ def _inplane(c: np.ndarray, m1: int, m2: int) -> np.ndarray:
     w2 = axis_weights(n2, m2) if n2 != m2 else None
     out = np.empty((c.shape[0], m1, m2), dtype=np.float32)
     for k in range(c.shape[0]):
-        s = c[k]
+        s = c[k].astype(np.float32, copy=False)  # an integer source becomes float a slice at a time
         if w1 is not None:
             s = w1 @ s
         if w2 is not None:
@@ -76,8 +81,9 @@ def _inplane(c: np.ndarray, m1: int, m2: int) -> np.ndarray:
 def resize3d(arr: np.ndarray, out_shape: tuple[int, int, int], order: int = 1) -> np.ndarray:
     """Resize a 3D array to ``out_shape`` (voxel-edge boxes coincide).
 
-    ``order=1``: separable linear (antialiased on shrinking axes), float32; the outer axis is
-    done first when it shrinks (less work for the others), last when it grows. The result may be
+    ``order=1``: separable linear (antialiased on shrinking axes), float32 from any numeric
+    type (an integer source is never copied whole to float); the outer axis is done first when
+    it shrinks (less work for the others), last when it grows. The result may be
     a non-contiguous view (same axis order as ``arr``). ``order=0``: nearest neighbour (labels),
     exact for any integer type.
     """
@@ -92,13 +98,13 @@ def resize3d(arr: np.ndarray, out_shape: tuple[int, int, int], order: int = 1) -
     flips = tuple(a for a in range(3) if arr.strides[a] < 0)
     view = np.flip(arr, flips) if flips else arr
     perm = sorted(range(3), key=lambda a: -abs(view.strides[a]))
-    c = np.asarray(view.transpose(perm), dtype=np.float32, order="C")  # a copy only if needed
+    c = np.ascontiguousarray(view.transpose(perm))  # a copy only for an unusual layout
     m0, m1, m2 = (out_shape[a] for a in perm)
     if m0 < c.shape[0]:
         c = _inplane(_outer(c, m0), m1, m2)
     else:
         c = _outer(_inplane(c, m1, m2), m0)
-    out = c.transpose(np.argsort(perm))
+    out = c.astype(np.float32, copy=False).transpose(np.argsort(perm))
     return np.flip(out, flips) if flips else out
 
 
@@ -110,6 +116,8 @@ def resample_oblique(
     Target voxels are pulled from source voxels through both affines in one interpolation
     (``order`` 1: linear, 0: nearest); points outside the source get ``cval``.
     """
+    from scipy import ndimage
+
     mapping = np.linalg.inv(src_affine) @ out_affine
     return ndimage.affine_transform(
         data, mapping[:3, :3], offset=mapping[:3, 3], output_shape=out_shape, order=order, mode="constant", cval=cval

@@ -8,8 +8,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from .layout import Workdir
 from .volume_spec import VolumeSpec
 from .volume_store import StoreError, verify_display, verify_npy
@@ -48,11 +46,33 @@ def verify_outputs(workdir: Path, rec: dict[str, Any]) -> None:
         verify_display(wd.root / str(rec.get("display_path") or wd.volume_dir(rec["volume_id"]) / "display.npy.zst"))
     except StoreError as exc:
         raise Redo(str(exc)) from None
-    table = wd.volume_dir(rec["volume_id"]) / "slices.parquet"
     try:
-        pq.read_metadata(table)
-    except Exception as exc:  # missing or damaged Parquet footer
-        raise Redo(f"{table}: missing or damaged slice table ({type(exc).__name__})") from None
+        read_volume_rows(wd, rec["volume_id"])
+    except StoreError as exc:
+        raise Redo(str(exc)) from None
+
+
+def read_volume_rows(wd: Workdir, volume_id: str) -> list[dict[str, Any]]:
+    """A finished volume's slice rows (``slices.json``, or the ``slices.parquet`` of volumes
+    sliced before); StoreError naming the file when missing or damaged."""
+    path = wd.volume_rows(volume_id)
+    legacy = wd.legacy_volume_rows(volume_id)
+    if not path.exists() and legacy.exists():
+        try:
+            import pyarrow.parquet as pq
+
+            return pq.read_table(legacy).to_pylist()
+        except Exception as exc:  # a damaged Parquet file
+            raise StoreError(f"{legacy}: damaged slice table ({type(exc).__name__})") from None
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StoreError(f"{path}: slice rows are missing") from None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{path}: damaged slice rows ({type(exc).__name__})") from None
+    if not isinstance(rows, list):
+        raise StoreError(f"{path}: damaged slice rows (not a list)")
+    return rows
 
 
 def done_records(spec: VolumeSpec, workdir: Path, fp: str) -> list[dict[str, Any]] | None:

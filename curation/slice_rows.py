@@ -1,4 +1,4 @@
-"""The rows of slices.parquet for one preprocessed volume: which slices count, and what they show.
+"""The slice rows of one preprocessed volume: which slices count, and what they show.
 
 A slice along a plane is indexed when enough of it is body (``body_mask``: the patient without
 air, the CT table or background noise); its row carries position, that body fraction as
@@ -7,8 +7,9 @@ air, the CT table or background noise); its row carries position, that body frac
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-import pyarrow as pa
 
 from .body_mask import body_mask
 from .manifest import PLANE_AXIS, PLANES, RANK_COLUMNS, SLICES_SCHEMA
@@ -16,8 +17,8 @@ from .manifest import PLANE_AXIS, PLANES, RANK_COLUMNS, SLICES_SCHEMA
 # Bump when the rule deciding which slices exist changes (a slice-step fingerprint can include it).
 ROWS_VERSION = 2
 
-# A volume's slices.parquet: the slices manifest's columns that `curate slice` fills.
-ROWS_SCHEMA = pa.schema([f for f in SLICES_SCHEMA if f.name not in RANK_COLUMNS])
+# The slices manifest's columns that `curate slice` fills (the rest are `curate rank`'s).
+ROWS_COLUMNS = [f.name for f in SLICES_SCHEMA if f.name not in RANK_COLUMNS]
 
 
 def slice_rows(
@@ -27,9 +28,10 @@ def slice_rows(
     label_names: dict[str, str],
     level: float,
     min_foreground: float,
-) -> pa.Table:
-    """One row per slice along each plane whose body fraction reaches ``min_foreground``, as
-    an Arrow table (``ROWS_SCHEMA``: no pandas in the slicing workers).
+) -> list[dict[str, Any]]:
+    """One row per slice along each plane whose body fraction reaches ``min_foreground``: plain
+    dicts with the ``ROWS_COLUMNS`` of the slices manifest (the slicing workers build no
+    DataFrame or Arrow array: either would import pandas, a second per worker).
 
     ``foreground_fraction`` is the fraction of the slice inside ``body_mask(vol, level)``, so a
     coronal slice through the CT table alone, or one of MR background noise, has 0 and is
@@ -73,6 +75,4 @@ def slice_rows(
                     "labels_present": sorted(set(labels)),
                 }
             )
-    # column by column: Table.from_pylist would import pandas (a second per worker) to build it
-    columns = [pa.array([r[f.name] for r in rows], type=f.type) for f in ROWS_SCHEMA]
-    return pa.Table.from_arrays(columns, schema=ROWS_SCHEMA)
+    return rows

@@ -2,7 +2,7 @@
 
 For each volume (one per channel of a 4D file) the step writes ``volumes/<volume_id>/``:
 ``volume.npy`` (grid^3 float16), ``label.npy``, ``display.npy.zst`` (uint8, zstd .npy),
-``slices.parquet`` and, last, ``record.json``: its presence with a matching fingerprint is the
+``slices.json`` (its slice rows) and, last, ``record.json``: its presence with a matching fingerprint is the
 "done" marker a rerun trusts. `SliceStep` bundles that work with the config; it is picklable and
 knows nothing of order, shards or pools, so any executor (``curation.executor``) can run it.
 """
@@ -15,14 +15,13 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
 
 from .fsutil import WorkdirError, atomic_write_bytes
 from .labels import load_label
 from .layout import Workdir
-from .manifest import write_manifest
 from .modality import known_subset, normalise_modality
 from .preprocess import PreprocessConfig, guess_modality, preprocess
 from .private_map import PrivateMap
@@ -71,6 +70,7 @@ class SliceStep:
     """
 
     cfg: SliceConfig
+    worker_module: ClassVar[str] = "curation.slice_worker"  # what a worker process preloads
 
     def __call__(self, spec: VolumeSpec) -> list[dict[str, Any]]:
         self.prepare(spec)
@@ -318,7 +318,7 @@ def _write_volume(wd: Workdir, vdir: Path, rec: dict[str, Any], pre: Any, spec: 
         rec["label_path"] = spec.label_display()
     save_display(vdir / "display.npy.zst", pre.display)
     rows = slice_rows(rec["volume_id"], pre.volume, pre.label, spec.label_names, cfg.pre.foreground_level, cfg.min_foreground)
-    write_manifest(rows, vdir / "slices.parquet", schema=None)
+    atomic_write_bytes(wd.volume_rows(rec["volume_id"]), json.dumps(rows).encode())
     rec.update(
         volume_path=wd.rel(vdir / "volume.npy"),
         display_path=wd.rel(vdir / "display.npy.zst"),
@@ -334,6 +334,8 @@ def _write_volume(wd: Workdir, vdir: Path, rec: dict[str, Any], pre: Any, spec: 
     if rec.get("notes"):
         rec["notes"] = spec.safe_text(rec["notes"])
     if cfg.render_all:
-        render_volume_slices(wd.root, rec, rows.to_pandas(), size=cfg.render_size)
+        import pandas as pd
+
+        render_volume_slices(wd.root, rec, pd.DataFrame(rows), size=cfg.render_size)
     # the done marker, written last
     atomic_write_bytes(wd.volume_record(rec["volume_id"]), json.dumps(rec, sort_keys=True).encode(), fsync=True)

@@ -20,6 +20,8 @@ from .executor import Executor, LocalExecutor
 from .layout import Workdir
 from .manifest import RANK_COLUMNS, SLICES_SCHEMA, VOLUMES_SCHEMA, flag_duplicates, read_manifest, write_manifest
 from .private_map import PrivateMap
+from .slice_resume import read_volume_rows
+from .slice_rows import ROWS_COLUMNS
 from .slice_step import SliceConfig, SliceStep
 from .volume_spec import VolumeSpec
 
@@ -196,16 +198,14 @@ def _write_volumes(vol_df: pd.DataFrame, path: Path, extra_meta: dict[str, Any] 
 
 
 def assemble(records: list[dict[str, Any]], workdir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Volume rows from records; slice rows from each ok volume's slices.parquet."""
+    """Volume rows from records; slice rows from each ok volume's ``slices.json``."""
     import pandas as pd
 
     cols = [f.name for f in VOLUMES_SCHEMA]
     vol_df = pd.DataFrame([{k: r.get(k) for k in cols} for r in records], columns=cols)
-    parts = []
-    for r in records:
-        if r.get("status") == "ok":
-            parts.append(read_manifest(Workdir(workdir).volume_dir(r["volume_id"]) / "slices.parquet"))
-    slice_df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[f.name for f in SLICES_SCHEMA])
+    wd = Workdir(workdir)
+    rows = [row for r in records if r.get("status") == "ok" for row in read_volume_rows(wd, r["volume_id"])]
+    slice_df = pd.DataFrame(rows, columns=ROWS_COLUMNS) if rows else pd.DataFrame(columns=[f.name for f in SLICES_SCHEMA])
     return vol_df, slice_df
 
 

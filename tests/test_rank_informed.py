@@ -52,7 +52,7 @@ def test_body_mask_drops_table_keeps_lungs():
 
 def test_slice_rows_index_no_table_only_slice():
     vol, table = _ct_with_table()
-    rows = slice_rows("v", vol, None, {}, level=0.05, min_foreground=0.01).to_pandas()
+    rows = pd.DataFrame(slice_rows("v", vol, None, {}, level=0.05, min_foreground=0.01))
     table_y = sorted(set(np.argwhere(table)[:, 1]))
     cor = rows[rows["plane"] == "coronal"]
     assert not set(cor["index"]) & set(table_y)  # coronal slices through the couch alone

@@ -265,6 +265,40 @@ def test_resume_reproduces_uninterrupted_run(tmp_path: Path):
     assert again.skipped == 4 and again.processed == 0
 
 
+def test_a_workdir_sliced_before_keeps_its_volumes_and_pngs(tmp_path: Path):
+    """Volumes sliced by an earlier version (slice rows in slices.parquet, a 1 mm display volume
+    placed by an integer display_offset) are resumed, not redone: same manifests, same PNGs."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curation.render import render_slice
+
+    _make_cases(tmp_path / "d")
+    task = tmp_path / "d" / "Task03_Many"
+    w = tmp_path / "w"
+    run_slice("msd", task, cfg_for(w), log=quiet)
+    vol_dirs = sorted((w / "volumes").iterdir())
+    for vdir in vol_dirs:  # rewrite each volume folder as the earlier version left it
+        rows = json.loads((vdir / "slices.json").read_text())
+        pq.write_table(pa.Table.from_pylist(rows), vdir / "slices.parquet")
+        (vdir / "slices.json").unlink()
+        rec = json.loads((vdir / "record.json").read_text())
+        origin = rec.pop("display_origin_mm")
+        rec["display_offset"] = [round(o / s) for o, s in zip(origin, rec["display_spacing"])]
+        (vdir / "record.json").write_text(json.dumps(rec))
+    before = read_manifest(w / "manifests/slices.parquet")
+    again = run_slice("msd", task, cfg_for(w), log=quiet)
+    assert again.skipped == 4 and again.processed == 0
+    pd.testing.assert_frame_equal(read_manifest(w / "manifests/slices.parquet"), before)
+    vols = read_manifest(w / "manifests/volumes.parquet")
+    v = vols.iloc[0].to_dict()
+    assert v["display_origin_mm"] is None and list(v["display_offset"])
+    rel, sha = render_slice(w, v, "axial", G // 2, size=48)  # the legacy geometry renders
+    assert (w / rel).exists() and render_slice(w, v, "axial", G // 2, size=48)[1] == sha
+
+
 def test_shards_then_merge_equal_single_run(tmp_path: Path):
     _make_cases(tmp_path / "d", n=3)
     task = tmp_path / "d" / "Task03_Many"
