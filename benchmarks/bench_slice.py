@@ -4,8 +4,9 @@ Each method runs in its own fresh subprocess, one thread (torch.set_num_threads(
 OpenBLAS threads = 1), over the same volumes, so the ratios come from one run on one machine:
 
 - ``ours``        : ``curation.slicing.run_slice`` (what ``curate slice`` does per volume: load,
-                    preprocess to a grid^3 float16 volume + label + 1 mm uint8 display volume,
-                    write volume.npy / label.npy / display.npy.zst / slices.parquet / record.json,
+                    preprocess to a grid^3 float16 volume + label + uint8 display volume (the
+                    source grid, axes finer than 1 mm shrunk), write volume.npy / label.npy /
+                    display.npy.zst / slices.json / record.json,
                     then the manifests);
 - ``ours-wN``     : the same with ``workers=N`` processes (``--workers N``);
 - ``curate``      : the command a user runs, ``curate slice --dataset 3dseg8 --root SET``, as a

@@ -37,7 +37,7 @@ def child_profile(args) -> dict:
     import curation.preprocess as pp
     import curation.slice_rows as slice_rows_mod
     import curation.slice_step as step_mod
-    from curation import fsutil, manifest, volume_io, volume_store
+    from curation import fsutil, volume_io, volume_store
     from curation.datasets import discover
     from curation.preprocess import PreprocessConfig
     from curation.slice_step import SliceConfig, fingerprint, process_volume
@@ -48,17 +48,16 @@ def child_profile(args) -> dict:
         return [(label, fn) for label, fn in pairs if fn is not None]
 
     top = [  # called by the step
-        ("load image + label (nibabel + gunzip)", getattr(volume_io, 'load_nifti', None)),
+        ("load image + label (nibabel + gunzip)", getattr(volume_io, "load_nifti", None)),
         ("sha256 of source", getattr(step_mod, 'sha256_files', None)),
         ("preprocess (total)", getattr(pp, 'preprocess', None)),
         ("write volume.npy + label.npy", getattr(volume_store, 'save_npy', None)),
         ("write display.npy.zst", getattr(volume_store, 'save_display', None)),
         ("slice rows", getattr(slice_rows_mod, 'slice_rows', None)),
-        ("write slices.parquet", getattr(manifest, 'write_manifest', None)),
-        ("write record.json (fsync)", getattr(fsutil, 'atomic_write_bytes', None)),
+        ("write slices.json + record.json (fsync)", getattr(fsutil, 'atomic_write_bytes', None)),
     ]
     sub = [  # called by preprocess
-        ("  clean_intensities (float32 copy, finite check)", getattr(pp, 'clean_intensities', None)),
+        ("  clean_intensities (finite check; integers stay as stored)", getattr(pp, 'clean_intensities', None)),
         ("  percentile windows", getattr(pp, 'percentile_window', None)),
         ("  reorient (transpose/flip)", getattr(nibabel.orientations, 'apply_orientation', None)),
         ("  resize3d (train + display + label)", getattr(pp, "resize3d", None)),
