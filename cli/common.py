@@ -146,9 +146,9 @@ def main(app: typer.Typer) -> None:
         say("aborted", "error", "red")
         raise SystemExit(130) from None
     except Exception as exc:
-        import click
-
-        if isinstance(exc, click.ClickException):
+        # a usage error (bad option value, missing folder): click's own message and status 2;
+        # typer bundles its own click, so the class is typer's, not the click package's
+        if any(c.__name__ == "ClickException" for c in type(exc).__mro__) and hasattr(exc, "show"):
             exc.show()
             raise SystemExit(exc.exit_code) from None
         if debug:

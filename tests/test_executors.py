@@ -336,3 +336,28 @@ def test_ray_address_that_finds_no_cluster_is_one_line_naming_our_flag():
 
     with pytest.raises(ConnectionError, match=r"^--ray-address auto: Could not find any running Ray instance\. .*flag$"):
         RayExecutor(address="auto")._connect(NoCluster())
+
+
+def test_console_script_with_workers_prestarts_its_pool_and_matches_one_process(tmp_path: Path):
+    """`curate slice --workers 2` as the console script runs it (cli.launch: the fork server
+    starts before the command line is parsed): a bad file is one line and an error row, the
+    manifests equal an in-process single-worker run's, and the exit status is the command's."""
+    from cli.launch import prestart_slice_workers
+
+    assert not prestart_slice_workers(["slice", "--workers", "1"])
+    assert not prestart_slice_workers(["slice", "--workers", "2", "--executor", "ray"])
+    assert not prestart_slice_workers(["slice", "--workers=x"])
+    assert not prestart_slice_workers(["rank", "--workers", "2"])
+    root = make_folder(tmp_path / "data", good=3)
+    run_slice("nifti", root, cfg_for(tmp_path / "one"), log=quiet)
+    code = "import sys; from cli.launch import curate; sys.argv[0] = 'curate'; curate()"
+    cmd = [sys.executable, "-c", code, "slice", "--dataset", "nifti", "--root", str(root), "--grid-size", str(G),
+           "--workdir", str(tmp_path / "two"), "--workers=2"]
+    res = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "flat2d.nii.gz" in res.stdout + res.stderr and "Traceback" not in res.stderr
+    assert "processed" in res.stdout  # the summary reached a pipe before the fast exit
+    assert_same_manifests(tmp_path / "one", tmp_path / "two")
+    bad = subprocess.run([*cmd[:3], "slice", "--dataset", "nifti", "--root", str(tmp_path / "none"), "--workers", "2"],
+                         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
