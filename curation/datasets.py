@@ -17,7 +17,7 @@ from .dicom_dataset import dicom_tree, input_id
 from .modality import known_subset, normalise_modality
 from .privacy import one_line
 from .volume_io import is_nifti_path
-from .volume_spec import VolumeSpec, root_relative
+from .volume_spec import NamedProblems, VolumeSpec, root_relative
 
 LITS_LABELS = {"1": "liver", "2": "liver tumour"}
 BRATS_LABELS = {"1": "necrotic tumour core", "2": "peritumoral edema", "3": "enhancing tumour", "4": "enhancing tumour"}
@@ -49,6 +49,7 @@ def _nifti_files(folder: Path) -> list[Path]:
 
 
 Problems = list[tuple[Path, str]]
+
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -467,8 +468,11 @@ def discover(dataset: str, root: Path, label_root: Path | None = None, pseudonym
             spec.error = f"{spec.source}: image file is missing"
         if pseudonymize:
             spec.pseudonymous = True
+    sources = dict(getattr(problems, "sources", {}))
     if pseudonymize and dataset != "dicom":
-        problems = [(Path(input_id(p) if p.is_file() else "collection"), reason.replace(str(p), "")) for p, reason in problems]
-    problems = [(p, one_line(reason)) for p, reason in problems]
+        named = [(Path(input_id(p) if p.is_file() else "collection"), p, reason) for p, reason in problems]
+        sources.update({str(name): str(p) for name, p, _ in named if str(name) != "collection"})
+        problems = [(name, reason.replace(str(p), "")) for name, p, reason in named]
+    problems = NamedProblems([(p, one_line(reason)) for p, reason in problems], sources)
     specs.sort(key=lambda s: (s.subset, s.rel_path, -1 if s.channel is None else s.channel))
     return specs, problems

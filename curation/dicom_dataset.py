@@ -9,7 +9,7 @@ from typing import Any, Iterable
 
 from .modality import normalise_modality
 from .privacy import Scrubber, redact
-from .volume_spec import VolumeSpec, root_relative
+from .volume_spec import NamedProblems, VolumeSpec, root_relative
 
 # DICOM objects that carry pixels but are not images to slice (segmentations, dose grids...).
 NON_IMAGE_MODALITIES = {"SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "SR", "PR", "KO", "REG"}
@@ -88,11 +88,14 @@ def dicom_tree(root: Path, dataset: str = "dicom", series_parts: str = "anatomic
     found = find_series(root, series_parts=series_parts, cache_dir=cache_dir, id_key=id_key)
     everyone = Scrubber([i for series in found for i in series.identifiers])
     problems: list[tuple[Path, str]] = []
+    sources: dict[str, str] = {}  # id -> real path, for the private map only
     for p, reason in getattr(found, "skipped", []):
         name = input_id(Path(p))
+        sources[name] = str(p)
         problems.append((Path(name), redact(reason.replace(str(p), name).replace(Path(p).name, name), [], everyone)))
     for series, why in getattr(found, "skipped_series", []):
         name = f"series-{series.series_key[:12]}"
+        sources[name] = str(Path(series.files[0]).parent)
         problems.append((Path(name), redact(f"skipped: {series.name()} is a {why}, not a volume", [],
                                             Scrubber(series.identifiers))))
     specs = []
@@ -101,6 +104,7 @@ def dicom_tree(root: Path, dataset: str = "dicom", series_parts: str = "anatomic
         rel = f"{root_relative(first, root)}#{series.series_key}"
         if (series.modality or "").upper() in NON_IMAGE_MODALITIES:
             name = f"series-{series.series_key[:12]}"
+            sources[name] = str(first)
             problems.append((Path(name), redact(f"skipped: {series.name()} is a {series.modality} object, "
                                                 "not an image volume", [], Scrubber(series.identifiers))))
             continue
@@ -123,4 +127,4 @@ def dicom_tree(root: Path, dataset: str = "dicom", series_parts: str = "anatomic
                 scrubber=Scrubber(series.identifiers),
             )
         )
-    return specs, problems
+    return specs, NamedProblems(problems, sources)

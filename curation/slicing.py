@@ -135,6 +135,9 @@ def run_slice(
         cache_dir=wd.dicom_header_cache if dicom else None, id_key=PrivateMap(workdir).key() if dicom else None,
     )
     summary = SliceSummary(discovered=len(specs) + len(problems))
+    sources = getattr(problems, "sources", {})
+    if sources:  # `curate lookup input-...` / `series-...`: the real path, in the private map only
+        PrivateMap(workdir).register([{"id": name, "source": path} for name, path in sorted(sources.items())])
     for path, reason in problems:
         line = f"{path}: {reason}" if str(path) not in reason else reason
         if reason.startswith("skipped:"):  # a localizer, secondary capture...: set aside, not an error

@@ -116,3 +116,12 @@ def root_relative(path: Path, root: Path) -> str:
         return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
     except ValueError:
         return Path(path).as_posix()
+
+
+class NamedProblems(list):
+    """Problems of a pseudonymous discovery, named by ids (``input-...``, ``series-...``);
+    ``sources`` maps each id to the real path behind it, for the workdir's private map only."""
+
+    def __init__(self, items=(), sources: dict[str, str] | None = None) -> None:
+        super().__init__(items)
+        self.sources: dict[str, str] = dict(sources or {})

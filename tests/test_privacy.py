@@ -3,6 +3,8 @@ any manifest, record.json, report, log or progress line; a patient is one subjec
 
 from __future__ import annotations
 
+import re
+
 import json
 import os
 from pathlib import Path
@@ -110,6 +112,7 @@ def test_dicom_run_is_pseudonymous_everywhere(export: Path, tmp_path: Path) -> N
     assert res.exit_code == 0, res.output
     assert not _leaks(res.output), res.output  # progress bar, skip and error lines
     assert "input-" in res.output  # the unreadable file has a line, by id
+    skipped = re.search(r"input-[0-9a-f]{12}", res.output).group(0)
     res = CliRunner().invoke(app, ["report", "--workdir", str(w), "--size", "64"])
     assert res.exit_code == 0, res.output
     for name, text in _texts(w).items():
@@ -127,6 +130,9 @@ def test_dicom_run_is_pseudonymous_everywhere(export: Path, tmp_path: Path) -> N
     assert "MRN112233_b" in entry["source"]
     res = CliRunner().invoke(_lookup_app(), ["lookup", err["volume_id"], "--workdir", str(w)])
     assert res.exit_code == 0 and "MRN112233_b" in res.output, res.output
+    # and the skipped input's id leads back to its file too (privately)
+    res = CliRunner().invoke(_lookup_app(), ["lookup", skipped, "--workdir", str(w)])
+    assert res.exit_code == 0 and str(export) in res.output.replace("\n", ""), res.output
     # rerun: everything resumes from the records (fingerprints from the sources on disk)
     again = run_slice("dicom", export, cfg_for(w), log=lambda *_: None)
     assert again.skipped == 3 and again.processed == 0
