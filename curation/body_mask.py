@@ -92,30 +92,30 @@ def _body(fg: np.ndarray, open_iter: int, keep_ratio: float) -> np.ndarray:
 # binary_dilation with a cross (outside the array counts as background), several times faster.
 
 
-def _erode(m: np.ndarray) -> np.ndarray:
+def _shift(m: np.ndarray, erode: bool) -> np.ndarray:
+    """One 6-connected erosion (``erode``) or dilation step of a boolean array."""
     out = m.copy()
+    combine = np.logical_and if erode else np.logical_or
     for ax in range(m.ndim):
         lo = [slice(None)] * m.ndim
         hi = [slice(None)] * m.ndim
         lo[ax], hi[ax] = slice(None, -1), slice(1, None)
-        out[tuple(hi)] &= m[tuple(lo)]
-        out[tuple(lo)] &= m[tuple(hi)]
-        edge = [slice(None)] * m.ndim
-        for i in (0, -1):
-            edge[ax] = i
-            out[tuple(edge)] = False
+        combine(out[tuple(hi)], m[tuple(lo)], out=out[tuple(hi)])
+        combine(out[tuple(lo)], m[tuple(hi)], out=out[tuple(lo)])
+        if erode:  # outside the array is background: the faces erode
+            edge = [slice(None)] * m.ndim
+            for i in (0, -1):
+                edge[ax] = i
+                out[tuple(edge)] = False
     return out
+
+
+def _erode(m: np.ndarray) -> np.ndarray:
+    return _shift(m, erode=True)
 
 
 def _dilate(m: np.ndarray) -> np.ndarray:
-    out = m.copy()
-    for ax in range(m.ndim):
-        lo = [slice(None)] * m.ndim
-        hi = [slice(None)] * m.ndim
-        lo[ax], hi[ax] = slice(None, -1), slice(1, None)
-        out[tuple(hi)] |= m[tuple(lo)]
-        out[tuple(lo)] |= m[tuple(hi)]
-    return out
+    return _shift(m, erode=False)
 
 
 def fill_axial_holes(mask: np.ndarray) -> np.ndarray:
