@@ -91,11 +91,14 @@ def test_resume_redoes_damaged_outputs_with_one_line(tmp_path: Path, caplog) -> 
     raw = (vdirs[1] / "volume.npy").read_bytes()
     (vdirs[1] / "volume.npy").write_bytes(raw[: len(raw) // 2])
     (vdirs[2] / "display.npy.zst").unlink()
+    rows = (vdirs[3] / "slices.json").read_bytes()
+    (vdirs[3] / "slices.json").write_bytes(rows[: len(rows) // 2])
     caplog.set_level("WARNING", logger="curation.slice")
     s, _ = _run(root, w)
-    assert (s.processed, s.skipped) == (3, 1)
+    assert (s.processed, s.skipped) == (4, 0)
     redo = [r.getMessage() for r in caplog.records if "redoing" in r.getMessage()]
-    assert len(redo) == 3 and any("record.json" in m for m in redo) and any("volume.npy" in m for m in redo)
+    assert len(redo) == 4 and any("record.json" in m for m in redo) and any("volume.npy" in m for m in redo)
+    assert any("slices.json: damaged slice rows" in m for m in redo)
     assert {p: p.read_bytes() for p in (w / "volumes").rglob("*.np*")} == before
 
 
