@@ -113,7 +113,7 @@ def exit_now(code: Any) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing more to say
+        except (OSError, ValueError, AttributeError):  # a closed pipe, no stream: nothing more to say
             pass
     os._exit(code)
 
