@@ -51,13 +51,25 @@ def axis_weights(n: int, m: int) -> sparse.csr_matrix:
     return sparse.csr_matrix((np.asarray(vals, np.float32), (rows, cols)), shape=(m, n))
 
 
+# Elements per block when an integer source meets the outer axis: it is made float a block of
+# columns at a time (16 MB), never whole (a 512x512x500 CT would need a 500 MB float copy).
+OUTER_BLOCK = 1 << 22
+
+
 def _outer(c: np.ndarray, m: int) -> np.ndarray:
-    """Resize axis 0 of a C-contiguous array: one sparse product, no copy of the input."""
+    """Resize axis 0 of a C-contiguous array: sparse products, no whole copy of the input."""
     n = c.shape[0]
     if n == m:
         return c
-    out = axis_weights(n, m) @ c.reshape(n, -1).astype(np.float32, copy=False)
-    return np.asarray(out, dtype=np.float32).reshape(m, *c.shape[1:])
+    w = axis_weights(n, m)
+    flat = c.reshape(n, -1)
+    if flat.dtype == np.float32:
+        return np.asarray(w @ flat, dtype=np.float32).reshape(m, *c.shape[1:])
+    out = np.empty((m, flat.shape[1]), dtype=np.float32)
+    step = max(1024, OUTER_BLOCK // n)
+    for j in range(0, flat.shape[1], step):
+        out[:, j : j + step] = w @ flat[:, j : j + step].astype(np.float32)
+    return out.reshape(m, *c.shape[1:])
 
 
 def _inplane(c: np.ndarray, m1: int, m2: int) -> np.ndarray:

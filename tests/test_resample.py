@@ -29,6 +29,17 @@ LAYOUTS = {
 }
 
 
+def test_integer_outer_axis_in_blocks_equals_whole(monkeypatch) -> None:
+    """An integer source whose outer axis shrinks is made float a block of columns at a time."""
+    import curation.resample as rs
+
+    rng = np.random.default_rng(3)
+    arr = np.asfortranarray(rng.integers(-1000, 1000, size=(80, 40, 30), dtype=np.int16))
+    whole = resize3d(arr.astype(np.float32), (40, 20, 12))
+    monkeypatch.setattr(rs, "OUTER_BLOCK", 1)  # blocks of 1024 of the 80*40 columns: four
+    np.testing.assert_allclose(resize3d(arr, (40, 20, 12)), whole, rtol=1e-6, atol=1e-3)
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("out_shape", [(7, 13, 20), (20, 5, 4), (9, 11, 6)])
 def test_resize3d_is_layout_independent(layout: str, out_shape: tuple[int, int, int]) -> None:
