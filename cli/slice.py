@@ -123,7 +123,7 @@ def merge_cmd(workdir: Path = WorkdirOpt) -> None:
     from curation.slicing import merge_shards
 
     try:
-        vp, sp, nv, ns = merge_shards(workdir)
+        vp, sp, nv, ns = merge_shards(workdir, log=say)
     except FileNotFoundError as exc:
         raise _fail(exc) from None
     out.print(f"merged {nv} volumes -> {vp}\nmerged {ns} slices -> {sp}")

@@ -20,7 +20,7 @@ from .executor import Executor, LocalExecutor
 from .layout import Workdir
 from .manifest import RANK_COLUMNS, SLICES_SCHEMA, VOLUMES_SCHEMA, flag_duplicates, read_manifest, write_manifest
 from .private_map import PrivateMap
-from .slice_resume import read_volume_rows
+from .slice_resume import Redo, read_record, read_volume_rows, verify_outputs
 from .slice_rows import ROWS_COLUMNS
 from .slice_step import SliceConfig, SliceStep
 from .volume_spec import VolumeSpec
@@ -186,8 +186,9 @@ def run_slice(
         summary.volumes_path = _write_volumes(vol_df, wd.shard_manifest("volumes", i, n))
         summary.slices_path = write_manifest(slice_df, wd.shard_manifest("slices", i, n), SLICES_SCHEMA)
     else:
-        slice_df = _keep_rank_columns(slice_df, wd.slices_manifest, resumed_ids)
-        vol_df, slice_df = _with_other_datasets(vol_df, slice_df, workdir, dataset)
+        prev = Previous.read(wd, log)
+        slice_df = _keep_rank_columns(slice_df, prev.slices, resumed_ids)
+        vol_df, slice_df = _with_other_datasets(vol_df, slice_df, wd, dataset, prev)
         summary.volumes_path = _write_volumes(vol_df, wd.volumes_manifest)
         summary.slices_path = write_manifest(slice_df, wd.slices_manifest, SLICES_SCHEMA)
     summary.slices = len(slice_df)
@@ -212,11 +213,34 @@ def assemble(records: list[dict[str, Any]], workdir: Path) -> tuple[pd.DataFrame
     return vol_df, slice_df
 
 
-def _keep_rank_columns(slice_df: pd.DataFrame, old_path: Path, resumed_ids: set[str]) -> pd.DataFrame:
+@dataclass
+class Previous:
+    """The manifests a run is about to replace, as read before it writes; a damaged one is
+    None with ``damaged`` set (one line said so), and the volume records rebuild it."""
+
+    volumes: pd.DataFrame | None = None
+    slices: pd.DataFrame | None = None
+    damaged: bool = False
+
+    @classmethod
+    def read(cls, wd: Workdir, log: Callable[[str], None]) -> Previous:
+        prev = cls()
+        for name, path, lost in (("volumes", wd.volumes_manifest, "other datasets' failed volumes left out"),
+                                 ("slices", wd.slices_manifest, "without its rank columns (rerun `curate rank`)")):
+            if not path.exists():
+                continue
+            try:
+                setattr(prev, name, read_manifest(path))
+            except Exception as exc:  # truncated or foreign
+                prev.damaged = True
+                log(f"{path}: unreadable ({type(exc).__name__}); rebuilt from the volume records, {lost}")
+        return prev
+
+
+def _keep_rank_columns(slice_df: pd.DataFrame, old: pd.DataFrame | None, resumed_ids: set[str]) -> pd.DataFrame:
     """A rerun keeps what later stages wrote for volumes that did not change."""
-    if not old_path.exists() or slice_df.empty:
+    if old is None or slice_df.empty:
         return slice_df
-    old = read_manifest(old_path)
     keep = [c for c in RANK_COLUMNS if c in old.columns]
     if not keep:
         return slice_df
@@ -226,29 +250,50 @@ def _keep_rank_columns(slice_df: pd.DataFrame, old_path: Path, resumed_ids: set[
 
 
 def _with_other_datasets(
-    vol_df: pd.DataFrame, slice_df: pd.DataFrame, workdir: Path, dataset: str | set[str]
+    vol_df: pd.DataFrame, slice_df: pd.DataFrame, wd: Workdir, dataset: str | set[str], prev: Previous
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One workdir can hold several datasets: a run replaces only its own dataset's rows."""
+    """One workdir can hold several datasets: a run replaces only its own dataset's rows. When
+    the manifests were damaged, the other datasets' finished volumes come back from their folders."""
     import pandas as pd
 
     datasets = {dataset} if isinstance(dataset, str) else set(dataset)
-    vpath, spath = Workdir(workdir).volumes_manifest, Workdir(workdir).slices_manifest
-    if not vpath.exists():
-        return vol_df, slice_df
-    old_v = read_manifest(vpath)
+    old_v = prev.volumes
+    if old_v is None:
+        if not prev.damaged:
+            return vol_df, slice_df
+        old_v = _other_records(wd, datasets, set(vol_df["volume_id"]))
     old_v = old_v[~old_v["dataset"].isin(datasets) & ~old_v["volume_id"].isin(vol_df["volume_id"])]
     if old_v.empty:
         return vol_df, slice_df
     vol_df = pd.concat([old_v, vol_df], ignore_index=True).sort_values("volume_id", ignore_index=True)
-    if spath.exists():
-        old_s = read_manifest(spath)
-        old_s = old_s[old_s["volume_id"].isin(old_v["volume_id"])]
-        slice_df = pd.concat([old_s, slice_df], ignore_index=True)
-        slice_df = slice_df.sort_values(["volume_id", "plane_index", "index"], ignore_index=True)
+    old_s = prev.slices
+    if old_s is None:  # damaged: the other volumes' rows from their folders
+        ok = old_v[old_v["status"] == "ok"]["volume_id"]
+        old_s = pd.DataFrame([row for vid in ok for row in read_volume_rows(wd, vid)], columns=ROWS_COLUMNS)
+    old_s = old_s[old_s["volume_id"].isin(old_v["volume_id"])]
+    slice_df = pd.concat([old_s, slice_df], ignore_index=True)
+    slice_df = slice_df.sort_values(["volume_id", "plane_index", "index"], ignore_index=True)
     return vol_df, slice_df
 
 
-def merge_shards(workdir: Path) -> tuple[Path, Path, int, int]:
+def _other_records(wd: Workdir, datasets: set[str], skip: set[str]) -> pd.DataFrame:
+    """Volume rows of every finished volume folder of another dataset (whole ones only)."""
+    import pandas as pd
+
+    cols = [f.name for f in VOLUMES_SCHEMA]
+    rows = []
+    for rec_path in sorted(wd.volumes.glob("*/record.json")) if wd.volumes.exists() else []:
+        try:
+            rec = read_record(rec_path)
+            if rec and rec.get("status") == "ok" and rec.get("dataset") not in datasets and rec["volume_id"] not in skip:
+                verify_outputs(wd.root, rec)
+                rows.append({k: rec.get(k) for k in cols})
+        except (Redo, KeyError):
+            continue
+    return pd.DataFrame(rows, columns=cols)
+
+
+def merge_shards(workdir: Path, log: Callable[[str], None] = print) -> tuple[Path, Path, int, int]:
     """`curate merge`: combine shard manifests into volumes.parquet and slices.parquet."""
     import pandas as pd
 
@@ -264,7 +309,7 @@ def merge_shards(workdir: Path) -> tuple[Path, Path, int, int]:
     vol_df = vol_df.drop_duplicates("volume_id", keep="last").sort_values("volume_id", ignore_index=True)
     slice_df = slice_df.drop_duplicates("slice_id", keep="last")
     slice_df = slice_df.sort_values(["volume_id", "plane_index", "index"], ignore_index=True)
-    vol_df, slice_df = _with_other_datasets(vol_df, slice_df, workdir, set(vol_df["dataset"].dropna()))
+    vol_df, slice_df = _with_other_datasets(vol_df, slice_df, wd, set(vol_df["dataset"].dropna()), Previous.read(wd, log))
     vp = _write_volumes(vol_df, wd.volumes_manifest, {"merged_shards": len(vols)})
     sp = write_manifest(slice_df, wd.slices_manifest, SLICES_SCHEMA, {"merged_shards": len(vols)})
     return vp, sp, len(vol_df), len(slice_df)

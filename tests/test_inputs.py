@@ -260,3 +260,33 @@ def test_gz_voxels_read_as_nibabel_reads_them(tmp_path: Path, dtype: str) -> Non
     cut.write_bytes(gzip.compress(raw[: len(raw) - 100]))
     with pytest.raises(VolumeError, match=r"cut\.nii\.gz: cannot read image"):
         load_nifti(cut)
+
+
+def test_damaged_manifests_are_rebuilt_from_the_volume_records(tmp_path: Path) -> None:
+    """Truncated volumes.parquet and slices.parquet: the next `curate slice` says so in one line
+    each and rebuilds both, other datasets of the workdir included (from their volume folders)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for k in range(2):
+        data, _ = phantom_ras(seed=k)
+        save_nifti(a / f"x{k}.nii.gz", data, ras_affine())
+    data, label = phantom_ras(seed=5)
+    write_msd_task(b, "Task02_Heart", {"h0": (data, ras_affine(), label)})
+    w = tmp_path / "w"
+    _run(a, w)
+    _run(b / "Task02_Heart", w, dataset="msd")
+    before_v, before_s = _vols(w), read_manifest(w / "manifests/slices.parquet")
+    assert set(before_v["dataset"]) == {"nifti", "msd"}
+    for name in ("volumes.parquet", "slices.parquet"):
+        path = w / "manifests" / name
+        path.write_bytes(path.read_bytes()[:200])
+    lines: list[str] = []
+    s = run_slice("nifti", a, SliceConfig(workdir=w, pre=PreprocessConfig(grid_size=G)), log=lines.append)
+    assert s.skipped == 2 and s.processed == 0
+    damaged = [ln for ln in lines if "unreadable" in ln]
+    assert len(damaged) == 2 and all("rebuilt from the volume records" in ln for ln in damaged)
+    cols = ["volume_id", "dataset", "status", "volume_path", "n_slices"]
+    after_v = _vols(w)
+    assert after_v.sort_values("volume_id")[cols].reset_index(drop=True).equals(
+        before_v.sort_values("volume_id")[cols].reset_index(drop=True))
+    after_s = read_manifest(w / "manifests/slices.parquet")
+    assert sorted(after_s["slice_id"]) == sorted(before_s["slice_id"])
