@@ -250,9 +250,28 @@ def write_manifest(
     return path
 
 
+class ManifestError(OSError):
+    """A manifest that cannot be read: one line naming the file and what to do; ``reason`` is
+    the reader's error type."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def read_manifest(path: str | Path) -> pd.DataFrame:
-    """Read a manifest as a DataFrame (list columns come back as Python lists)."""
-    table = pq.read_table(path)
+    """Read a manifest as a DataFrame (list columns come back as Python lists); a damaged file
+    is a `ManifestError` naming it (a missing one stays FileNotFoundError)."""
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        name = Path(path).name
+        hint = ("rerun `curate slice`: it rebuilds the manifests from the volume folders"
+                if name in ("volumes.parquet", "slices.parquet") else "restore it or rerun the stage that wrote it")
+        why = type(exc).__name__
+        raise ManifestError(f"{path}: unreadable manifest ({why}); {hint}", why) from None
     df = table.to_pandas()
     for name in df.columns:
         if pa.types.is_list(table.schema.field(name).type):

@@ -233,7 +233,8 @@ class Previous:
                 setattr(prev, name, read_manifest(path))
             except Exception as exc:  # truncated or foreign
                 prev.damaged = True
-                log(f"{path}: unreadable ({type(exc).__name__}); rebuilt from the volume records, {lost}")
+                why = getattr(exc, "reason", type(exc).__name__)
+                log(f"{path}: unreadable ({why}); rebuilt from the volume records, {lost}")
         return prev
 
 

@@ -290,3 +290,10 @@ def test_damaged_manifests_are_rebuilt_from_the_volume_records(tmp_path: Path) -
         before_v.sort_values("volume_id")[cols].reset_index(drop=True))
     after_s = read_manifest(w / "manifests/slices.parquet")
     assert sorted(after_s["slice_id"]) == sorted(before_s["slice_id"])
+    # a later stage meeting a damaged manifest says which file and what to do, in one line
+    from curation.manifest import ManifestError
+
+    path = w / "manifests" / "slices.parquet"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ManifestError, match=r"slices\.parquet: unreadable manifest .*rerun `curate slice`"):
+        read_manifest(path)
