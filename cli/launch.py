@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import sys
 
+# What `curate slice` workers preload (`curation.slice_step.SliceStep.worker_module`), named here
+# so that this module imports none of it.
+SLICE_WORKER_MODULE = "curation.slice_worker"
+
 
 def _option(argv: list[str], name: str, default: str) -> str:
     for i, arg in enumerate(argv):
@@ -33,7 +37,7 @@ def prestart_slice_workers(argv: list[str]) -> bool:
         return False
     from curation.executor import start_fork_server
 
-    start_fork_server("curation.slice_worker")
+    start_fork_server(SLICE_WORKER_MODULE)
     return True
 
 

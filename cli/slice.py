@@ -53,7 +53,9 @@ def slice_cmd(
     if workers > 1 and executor == "local":  # the workers' imports, beside this process's own
         from curation.executor import start_fork_server
 
-        start_fork_server("curation.slice_worker")
+        from .launch import SLICE_WORKER_MODULE
+
+        start_fork_server(SLICE_WORKER_MODULE)
     from curation.preprocess import PreprocessConfig
     from curation.slicing import SliceConfig, make_executor, parse_shard, run_slice
 

@@ -51,7 +51,6 @@ def _nifti_files(folder: Path) -> list[Path]:
 Problems = list[tuple[Path, str]]
 
 
-
 def _inside(path: Path, root: Path) -> bool:
     try:
         path.resolve().relative_to(root.resolve())

@@ -119,8 +119,9 @@ def start_fork_server(module: str) -> BaseContext:
 
 
 def pool_context(step: object) -> BaseContext:
-    """A fork server that has imported the step's ``worker_module`` (default: its own module) once: each worker is a fork of it and
-    skips the seconds of imports a spawned interpreter pays (and shares those pages). Forked
+    """A fork server that has imported the step's ``worker_module`` (default: its own module)
+    once: each worker is a fork of it and skips the seconds of imports a spawned interpreter
+    pays (and shares those pages). Forked
     from a process that ran no work, not from the caller (a fork of live torch thread pools can
     hang). Where there is no fork server: spawn."""
     return start_fork_server(getattr(step, "worker_module", type(step).__module__))

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .nib import nib
 import numpy as np
 
+from .nib import nib
 from .volume_io import LoadedVolume, VolumeError, load_nifti
 
 AFFINE_TOLERANCE_VOXELS = 0.25  # label and image grids may disagree by at most this (corner shift)

@@ -231,19 +231,15 @@ def flag_duplicates(volumes: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_manifest(
-    df: pd.DataFrame | pa.Table,
+    df: pd.DataFrame,
     path: str | Path,
     schema: pa.Schema | None = None,
     extra_meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Atomically write ``df`` (a DataFrame, or an Arrow table holding ``schema``'s columns) as
-    Parquet at ``path`` with provenance metadata."""
+    """Atomically write ``df`` as Parquet at ``path`` with provenance metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(df, pa.Table):
-        table = df if schema is None else df.select(schema.names).cast(schema)
-    else:
-        table = to_table(df, schema)
+    table = to_table(df, schema)
     table = table.replace_schema_metadata(_metadata(extra_meta))
     with atomic_path(path, fsync=True) as tmp:
         pq.write_table(table, tmp, compression="zstd")

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .nib import nib
 import numpy as np
+
+from .nib import nib
 from .resample import resample_oblique, resize3d
 from .volume_io import VolumeError
 
@@ -87,16 +88,15 @@ def clean_intensities(data: np.ndarray, name: str) -> np.ndarray:
     """The source itself when it holds integers (resampling converts it a slice at a time), else
     float32 (a view when it is float32 already) with NaN/inf replaced by the minimum finite
     value; errors on empty input."""
-    src = np.asarray(data)
-    arr = src if src.dtype.kind in "iub" else src.astype(np.float32, copy=False)
-    if src.dtype.kind == "f":
+    arr = np.asarray(data)
+    if arr.dtype.kind not in "iub":  # integers stay as stored: always finite, min/max narrower
+        arr = arr.astype(np.float32, copy=False)
         finite = np.isfinite(arr)
         if not finite.all():
             if not finite.any():
                 raise VolumeError(f"{name}: every voxel is NaN or infinite")
             arr = np.where(finite, arr, np.min(arr[finite]))
-    ints = src.dtype.kind in "iub"  # integers: min and max on the narrower source type
-    lo, hi = (float(src.min()), float(src.max())) if ints else (float(arr.min()), float(arr.max()))
+    lo, hi = float(arr.min()), float(arr.max())
     if hi - lo < 1e-6:
         raise VolumeError(f"{name}: empty volume (all voxels equal {lo:g})")
     return arr
@@ -122,12 +122,13 @@ def percentile_window(arr: np.ndarray, pcts: tuple[float, float]) -> list[float]
     return [float(lo), float(hi)]
 
 
-def display_window(arr: np.ndarray, modality: str, body_region: str | None, cfg: PreprocessConfig) -> list[float]:
+def display_window(modality: str, body_region: str | None, training_window: list[float]) -> list[float]:
+    """CT: the region's viewing window; anything else: the training window (its percentiles)."""
     if modality == "CT":
         region = (body_region or "default").lower()
         lo, hi = CT_DISPLAY_WINDOWS.get(region, CT_DISPLAY_WINDOWS["default"])
         return [lo, hi]
-    return percentile_window(arr, cfg.mr_percentiles)
+    return list(training_window)
 
 
 @dataclass
@@ -163,7 +164,7 @@ def preprocess(
         raise VolumeError(f"{name}: label shape {tuple(label.shape)} does not match image shape {tuple(data.shape)}")
     arr = clean_intensities(data, name)
     win = intensity_window(arr, modality, cfg)
-    dwin = display_window(arr, modality, body_region, cfg) if modality == "CT" else list(win)  # MR: same percentiles
+    dwin = display_window(modality, body_region, win)
     G = cfg.grid_size
     geo = _geometry(arr.shape, affine)
     if geo.aligned:  # RAS by flips and transposes: views, no copy (resize3d reads any layout)
@@ -182,26 +183,21 @@ def preprocess(
     if geo.aligned:  # never grown; shrunk only where the source is clearly finer than d
         n_src = np.asarray(arr.shape)
         n_disp = np.where(n_disp < n_src * DISPLAY_SHRINK_BELOW, n_disp, n_src).astype(int)
-    if not geo.aligned:  # the affine resampler keeps its input's type: resample floats
-        arr = arr.astype(np.float32, copy=False)
-    fill = float(arr.min()) if not geo.aligned else 0.0
 
-    if geo.aligned:
-        train = resize3d(arr, tuple(n_train))
-        lab = resize3d(np.asarray(label), tuple(n_train), order=0) if label is not None else None
+        def to_grid(a: np.ndarray, n: np.ndarray, order: int = 1) -> np.ndarray:
+            return resize3d(a, tuple(n), order=order)
     else:
-        def grid_affine(n: np.ndarray) -> np.ndarray:
-            sp = ext / n
-            out = np.diag([*sp, 1.0])
-            out[:3, 3] = geo.box_min + sp / 2
-            return out
+        arr = arr.astype(np.float32, copy=False)  # the affine resampler keeps its input's type
+        fill = float(arr.min())
 
-        train = resample_oblique(arr, affine, grid_affine(n_train), tuple(n_train), 1, fill)
-        lab = (
-            resample_oblique(np.asarray(label), affine, grid_affine(n_train), tuple(n_train), 0, 0)
-            if label is not None
-            else None
-        )
+        def to_grid(a: np.ndarray, n: np.ndarray, order: int = 1) -> np.ndarray:
+            sp = ext / n
+            grid = np.diag([*sp, 1.0])
+            grid[:3, 3] = geo.box_min + sp / 2
+            return resample_oblique(a, affine, grid, tuple(n), order, fill if order else 0)
+
+    train = to_grid(arr, n_train)
+    lab = to_grid(np.asarray(label), n_train, order=0) if label is not None else None
 
     vol = np.zeros((G, G, G), dtype=np.float16)
     sl = tuple(slice(p, p + n) for p, n in zip(pad, n_train))
@@ -217,10 +213,7 @@ def preprocess(
         lab_out = np.zeros((G, G, G), dtype=dtype)
         lab_out[sl] = lab.astype(dtype)
 
-    if geo.aligned:
-        disp = resize3d(arr, tuple(n_disp))
-    else:
-        disp = resample_oblique(arr, affine, grid_affine(n_disp), tuple(n_disp), 1, fill)
+    disp = to_grid(arr, n_disp)
     if np.may_share_memory(disp, data):  # windowing works in place: never on the caller's array
         disp = disp.copy()
     # uint8 in the source's memory order (a NIfTI's Fortran order is saved as such: no transpose)

@@ -3,8 +3,8 @@
 A slice is addressed by (plane, index on the grid^3 cube). The PNG shows the whole cube
 cross-section (the same field of view as the training slice) at ``size`` px, rendered from
 the display volume (kept at the source's own spacing per axis: the one plane a PNG needs is
-interpolated when it is rendered). Radiological convention: patient right on image left; anterior up
-on axial; superior up on coronal and sagittal; anterior on the left on sagittal.
+interpolated when it is rendered). Radiological convention: patient right on image left;
+anterior up on axial; superior up on coronal and sagittal; anterior on the left on sagittal.
 """
 
 from __future__ import annotations

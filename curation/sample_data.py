@@ -21,10 +21,10 @@ import json
 import tempfile
 from pathlib import Path
 
-from .nib import nib
 import numpy as np
 
 from .fsutil import atomic_write_bytes
+from .nib import nib
 
 
 def _put(path: Path, data: bytes) -> None:

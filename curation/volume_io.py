@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .nib import nib
 import numpy as np
 
-try:  # optional: Intel ISA-L's inflate (the [fast] extra)
+from .nib import nib
+
+try:  # Intel ISA-L's inflate: a dependency where it has wheels (pyproject marker)
     from isal import igzip as _gzip
 except ImportError:  # pragma: no cover - depends on the install
     import gzip as _gzip
