@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -46,17 +45,12 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from proc_stats import hwm_mb, rss_mb  # noqa: E402
 
 
 def _hwm_mb() -> float:
-    """Resident high-water mark (VmHWM) of this process, MB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Resident high-water mark (VmHWM) of this process, MB (ru_maxrss where /proc has none)."""
+    return hwm_mb() or rss_mb()
 
 
 def _rss_mb() -> float:
