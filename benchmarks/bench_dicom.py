@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from curation.dicom import find_series  # noqa: E402
-from curation.dicom_write import write_series  # noqa: E402
+from curation.dicom.load import find_series  # noqa: E402
+from curation.sample.dicom_write import write_series  # noqa: E402
 
 
 def make_export(folder: Path, n_files: int, size: int, per_series: int) -> int:

@@ -34,18 +34,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from conftest import phantom_ras, ras_affine, write_msd_task  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from cli.curate import app as curate  # noqa: E402
-from cli.train import app as train  # noqa: E402
-from conftest import phantom_ras, ras_affine, write_msd_task  # noqa: E402
-from curation.preprocess import PreprocessConfig  # noqa: E402
-from curation.slicing import SliceConfig, run_slice  # noqa: E402
-from training.export import export_latest  # noqa: E402
-from training.finetune import FinetuneConfig, finetune  # noqa: E402
-from training.pretrain import PretrainConfig, pretrain  # noqa: E402
+from curation.slicing.preprocess import PreprocessConfig  # noqa: E402
+from curation.slicing.stage import SliceConfig, run_slice  # noqa: E402
+from med3dinsight.curate import app as curate  # noqa: E402
+from med3dinsight.train import app as train  # noqa: E402
+from training.finetune.train import FinetuneConfig, finetune  # noqa: E402
+from training.pretrain.export import export_latest  # noqa: E402
+from training.pretrain.train import PretrainConfig, pretrain  # noqa: E402
 
-TINY_CLIP = str(REPO / "training" / "configs" / "tiny-clip.json")
+TINY_CLIP = str(REPO / "training" / "models" / "configs" / "tiny-clip.json")
 
 
 @dataclass(frozen=True)

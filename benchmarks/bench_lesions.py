@@ -1,6 +1,6 @@
 """Does the default order find lesions? Synthetic lesions in package-shipped brains, run by hand.
 
-Subjects: nilearn's MNI152 T1 template (via ``curation.sample_data``'s source), each warped by
+Subjects: nilearn's MNI152 T1 template (via ``curation.sample.sample_data``'s source), each warped by
 a seeded random affine (scale 0.9-1.1 per axis, rotation up to 6 degrees, shift up to 6 mm),
 given a smooth multiplicative bias field, a gamma change and noise, so no two are alike.
 Lesions: ``--lesions`` per subject, ellipsoids of radius 4-12 mm, contrast +-25-60 % of the
@@ -25,9 +25,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from curation.preprocess import PreprocessConfig
-from curation.rank import RankConfig, run_rank
-from curation.slicing import SliceConfig, run_slice
+from curation.ranking.rank import RankConfig, run_rank
+from curation.slicing.preprocess import PreprocessConfig
+from curation.slicing.stage import SliceConfig, run_slice
 
 
 def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:

@@ -84,10 +84,10 @@ def _timed(fn, n: int, device: torch.device) -> list[float]:
 
 
 def bench_step(args, device: torch.device) -> dict:
-    from training.optim import set_hparams, warmup_cosine
-    from training.precision import resolve_precision
-    from training.pretrain import PretrainConfig
-    from training.pretrain_step import TrainState, train_step
+    from training.loop.optim import set_hparams, warmup_cosine
+    from training.loop.precision import resolve_precision
+    from training.pretrain.step import TrainState, train_step
+    from training.pretrain.train import PretrainConfig
 
     cfg = PretrainConfig(workdir=Path("."), encoder=args.encoder, img_size=args.img_size,
                          num_queries=args.num_queries, psat_width=args.width, precision=args.precision,
@@ -138,7 +138,7 @@ def bench_step(args, device: torch.device) -> dict:
 
 
 def bench_volume(args, tmp: Path) -> dict:
-    from training.pretrain_data import load_volume
+    from training.pretrain.data import load_volume
 
     rng = np.random.default_rng(0)
     for i in range(args.batch):
@@ -174,7 +174,7 @@ def bench_clip(args, device: torch.device) -> dict:
 
 
 def bench_cache(args, tmp: Path) -> dict:
-    from curation.embed_store import load_embeddings, text_key, write_meta, write_table
+    from curation.store.embed_store import load_embeddings, text_key, write_meta, write_table
 
     n, dim = args.store_rows, args.clip_dim
     rng = np.random.default_rng(0)

@@ -21,8 +21,8 @@ import time
 import numpy as np
 import pandas as pd
 
-from curation.features import builtin_features
-from curation.vote import knn_cosine, rank_pools
+from curation.ranking.features import builtin_features
+from curation.ranking.vote import knn_cosine, rank_pools
 
 
 def peak_rss_mb() -> float:

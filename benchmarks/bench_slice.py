@@ -3,7 +3,7 @@
 Each method runs in its own fresh subprocess, one thread (torch.set_num_threads(1), OMP/MKL/
 OpenBLAS threads = 1), over the same volumes, so the ratios come from one run on one machine:
 
-- ``ours``        : ``curation.slicing.run_slice`` (what ``curate slice`` does per volume: load,
+- ``ours``        : ``curation.slicing.stage.run_slice`` (what ``curate slice`` does per volume: load,
                     preprocess to a grid^3 float16 volume + label + uint8 display volume (the
                     source grid, axes finer than 1 mm shrunk), write volume.npy / label.npy /
                     display.npy.zst / slices.json / record.json,
@@ -172,8 +172,8 @@ def _one_thread_if_torch() -> None:
 
 
 def child_ours(args) -> dict:
-    from curation.preprocess import PreprocessConfig
-    from curation.slicing import SliceConfig, run_slice
+    from curation.slicing.preprocess import PreprocessConfig
+    from curation.slicing.stage import SliceConfig, run_slice
 
     _one_thread_if_torch()
 
@@ -265,7 +265,7 @@ def run_curate(set_root: Path, work: Path, grid: int, workers: int, timeout: flo
     process), timed from outside; the in-process time is the one its summary prints."""
     _fresh(work)
     curate = Path(sys.executable).with_name("curate")
-    head = [str(curate)] if curate.exists() else [sys.executable, "-m", "cli.curate"]
+    head = [str(curate)] if curate.exists() else [sys.executable, "-m", "med3dinsight.curate"]
     cmd = [*head, "slice", "--dataset", "3dseg8", "--root", str(set_root), "--workdir", str(work / "w"),
            "--grid-size", str(grid), "--workers", str(workers)]
     proc = run_process(cmd, REPO, dict(os.environ, **THREAD_ENV, COLUMNS="200"), work / "log", timeout)

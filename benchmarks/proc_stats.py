@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+
 def rss_mb(who=resource.RUSAGE_SELF) -> float:
     """Peak RSS (ru_maxrss, MB). Linux carries a parent's high-water mark into a forked and
     exec'd child, which is why the parent of this script never loads volumes or heavy modules."""

@@ -34,13 +34,14 @@ def child_profile(args) -> dict:
 
     import nibabel.orientations
 
-    import curation.preprocess as pp
-    import curation.slice_rows as slice_rows_mod
-    import curation.slice_step as step_mod
-    from curation import fsutil, volume_io, volume_store
-    from curation.datasets import discover
-    from curation.preprocess import PreprocessConfig
-    from curation.slice_step import SliceConfig, fingerprint, process_volume
+    import curation.slicing.preprocess as pp
+    import curation.slicing.rows as slice_rows_mod
+    import curation.slicing.step as step_mod
+    from curation.imageio import volume_io
+    from curation.slicing.preprocess import PreprocessConfig
+    from curation.slicing.step import SliceConfig, fingerprint, process_volume
+    from curation.sources.datasets import discover
+    from curation.store import fsutil, volume_store
 
     _one_thread_if_torch()
 

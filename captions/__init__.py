@@ -2,7 +2,7 @@
 client-side rate limits, a durable content-addressed caption cache, cost estimates, the Batch
 API flow and a deterministic offline captioner.
 
-One ``CaptionOptions`` (``options``) travels from `curate caption` (``cli/caption.py``, which
+One ``CaptionOptions`` (``options``) travels from `curate caption` (``med3dinsight/caption.py``, which
 parses and prints) through ``release.run_release`` to ``engine.run_captions`` unchanged;
 ``budget`` decides what --budget and --max-usd admit, ``plan`` what to send, ``sync`` and
 ``batch`` send it, and ``jobs`` makes every cache key and cache row. ``fake_server`` is a local

@@ -28,7 +28,7 @@ from captions.client import EndpointMissing, MalformedResponse, call_with_retry,
 from captions.cost import Prices
 from captions.jobs import CacheItem, cache_row
 from captions.options import RetryPolicy
-from curation.fsutil import atomic_write_text
+from curation.store.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,17 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from curation.fsutil import atomic_path
-from curation.layout import Workdir
-from curation.splits import case_splits
-from curation.manifest import RELEASE_SCHEMA, RELEASE_VOLUME_COLUMNS, next_release_path, read_manifest, write_manifest
-from curation.render import render_slices
+from curation.slicing.render import render_slices
+from curation.store.fsutil import atomic_path
+from curation.store.layout import Workdir
+from curation.store.manifest import (
+    RELEASE_SCHEMA,
+    RELEASE_VOLUME_COLUMNS,
+    next_release_path,
+    read_manifest,
+    write_manifest,
+)
+from curation.store.splits import case_splits
 
 from .cache import CaptionCache
 from .engine import lookup, run_captions

@@ -17,13 +17,13 @@ $BIN/curate slice --dataset dicom --root "$WORK/data/dicom" --workdir "$WORK"
 step "curate rank"
 $BIN/curate rank --workdir "$WORK" --evaluate
 # Release manifests are immutable: a rerun of the demo writes the next version.
-REL=$($BIN/python -c "import sys; from curation.manifest import next_release_path; print(next_release_path(sys.argv[1]).relative_to(sys.argv[1]))" "$WORK")
+REL=$($BIN/python -c "import sys; from curation.store.manifest import next_release_path; print(next_release_path(sys.argv[1]).relative_to(sys.argv[1]))" "$WORK")
 step "curate caption (offline captioner; set OPENAI_API_KEY and --provider openai for a VLM) -> $REL"
 $BIN/curate caption --workdir "$WORK" --provider offline --out "$REL"
 step "curate query"
 $BIN/curate query "SELECT plane, split, count(*) AS captions FROM captions GROUP BY ALL ORDER BY ALL" --workdir "$WORK"
 step "train clip (tiny open_clip config, 1 epoch)"
-$BIN/train clip --workdir "$WORK" --manifest "$REL" --model training/configs/tiny-clip.json \
+$BIN/train clip --workdir "$WORK" --manifest "$REL" --model training/models/configs/tiny-clip.json \
   --epochs 1 --batch-size 64 --lr 5e-4 --warmup 2 --workers 0
 step "train embed"
 $BIN/train embed --workdir "$WORK" --manifest "$REL" --clip checkpoints/clip/final.pt

@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from training.pretrain import PretrainConfig, pretrain
+from training.pretrain.train import PretrainConfig, pretrain
 
 
 def main() -> None:

@@ -6,16 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
-from cli.curate import app
-from curation.manifest import read_manifest
-from curation.preprocess import PreprocessConfig
-from curation.rank import RankConfig, run_rank
-from curation.slicing import SliceConfig, run_slice
-
 from conftest import phantom_ras, ras_affine, write_msd_task
 from fake_openai import TEST_KEY as KEY
+from typer.testing import CliRunner
+
+from curation.ranking.rank import RankConfig, run_rank
+from curation.slicing.preprocess import PreprocessConfig
+from curation.slicing.stage import SliceConfig, run_slice
+from curation.store.manifest import read_manifest
+from med3dinsight.curate import app
 
 
 def make_ranked(tmp: Path) -> Path:
@@ -126,7 +125,7 @@ def test_export_webdataset_and_csv_read_back_by_open_clip_train(ranked: Path, tm
     pytest.importorskip("webdataset")  # open_clip_train's shard reader (dev dependency)
     from open_clip_train.data import CsvDataset, get_wds_dataset
 
-    from cli.release_export import export_cmd
+    from med3dinsight.release_export import export_cmd
 
     w = _copy(ranked, tmp_path / "w")
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)

@@ -14,17 +14,16 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from fake_openai import TEST_KEY as KEY
+from test_caption_release import make_ranked
 from typer.testing import CliRunner
 
 from captions.errors import RunLocked
 from captions.lock import RunLock
-from cli.curate import app
-from curation.manifest import read_manifest
+from curation.store.manifest import read_manifest
+from med3dinsight.curate import app
 
-from fake_openai import TEST_KEY as KEY
-from test_caption_release import make_ranked
-
-CLI = [sys.executable, "-c", "from cli.curate import app; app()"]
+CLI = [sys.executable, "-c", "from med3dinsight.curate import app; app()"]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from caption_driver import make_requests, write_pngs
 from PIL import Image
 
 from captions import cost
@@ -23,11 +24,7 @@ from captions.errors import FatalAPIError
 from captions.jobs import CaptionRequest, cache_row, caption_job
 from captions.offline import offline_caption
 from captions.options import CaptionOptions
-from captions.prompts import (
-    FALLBACK_PROMPT_VERSION, PROMPT_VERSION, build_messages, position_word, prompt_digest,
-)
-
-from caption_driver import make_requests, write_pngs
+from captions.prompts import FALLBACK_PROMPT_VERSION, PROMPT_VERSION, build_messages, position_word, prompt_digest
 
 OFFLINE = CaptionOptions(provider="offline")
 

@@ -9,14 +9,13 @@ import traceback
 from collections import Counter
 
 import pytest
+from caption_driver import make_requests, write_pngs
+from fake_openai import TEST_KEY as KEY
 
 from captions.cache import CaptionCache
 from captions.engine import lookup, run_captions
 from captions.errors import FatalAPIError
 from captions.options import CaptionOptions, RetryPolicy
-
-from caption_driver import make_requests, write_pngs
-from fake_openai import TEST_KEY as KEY
 
 FAST = RetryPolicy(initial_s=0.01, max_wait_s=0.1)
 OPTIONS = CaptionOptions(model="gpt-4o", api_key=KEY, concurrency=4, retry=FAST, timeout=5.0)

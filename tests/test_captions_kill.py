@@ -14,6 +14,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from caption_driver import make_requests, write_pngs
+from fake_openai import TEST_KEY as KEY
+from fake_openai import FakeOpenAI
 
 from captions import batch as batchflow
 from captions.cache import CaptionCache
@@ -21,9 +24,6 @@ from captions.cost import cost_usd
 from captions.engine import lookup, run_captions
 from captions.jobs import CacheItem
 from captions.options import CaptionOptions, RetryPolicy
-
-from caption_driver import make_requests, write_pngs
-from fake_openai import TEST_KEY as KEY, FakeOpenAI
 
 DRIVER = Path(__file__).parent / "caption_driver.py"
 N, CONCURRENCY = 40, 4

@@ -9,6 +9,8 @@ from collections import Counter
 from dataclasses import replace
 
 import pytest
+from caption_driver import make_requests, write_pngs
+from fake_openai import TEST_KEY as KEY
 
 from captions import cost
 from captions.cache import CaptionCache
@@ -18,9 +20,6 @@ from captions.jobs import CaptionRequest, caption_job
 from captions.models import completion_params, is_reasoning_model
 from captions.options import CaptionOptions, RetryPolicy
 from captions.prompts import load_prompt_file
-
-from caption_driver import make_requests, write_pngs
-from fake_openai import TEST_KEY as KEY
 
 FAST = RetryPolicy(initial_s=0.01, max_wait_s=0.1)
 QWEN = "Qwen/Qwen2.5-VL-7B-Instruct"

@@ -1,6 +1,6 @@
 """`train clip` on a synthetic slice/caption set whose captions name a visible pattern.
 
-Offline by construction: a tiny open_clip config (training/configs/tiny-clip.json), random
+Offline by construction: a tiny open_clip config (training/models/configs/tiny-clip.json), random
 init, and a guard that fails any TCP connection attempt.
 """
 
@@ -22,19 +22,19 @@ import pytest
 import torch
 from PIL import Image
 
-from curation.layout import Workdir
-from curation.manifest import write_manifest
-from training.checkpoint import save
-from training.losses import ContrastiveLoss
-from training.clip_models import register_tiny
-from training import clip_train
-from training.clip_train import ClipTrainConfig, train_clip, train_step
-from training.optim import param_groups, warmup_cosine
-from training.precision import Precision
-from training.retrieval import dedupe_pairs, recall_at_k
-from training.rng import rng_state, set_rng_state
+from curation.store.layout import Workdir
+from curation.store.manifest import write_manifest
+from training.clip import train as clip_train
+from training.clip.retrieval import dedupe_pairs, recall_at_k
+from training.clip.train import ClipTrainConfig, train_clip, train_step
+from training.loop.checkpoint import save
+from training.loop.optim import param_groups, warmup_cosine
+from training.loop.precision import Precision
+from training.loop.rng import rng_state, set_rng_state
+from training.models.clip_models import register_tiny
+from training.models.losses import ContrastiveLoss
 
-TINY = "training/configs/tiny-clip.json"
+TINY = "training/models/configs/tiny-clip.json"
 ROOT = Path(__file__).resolve().parents[1]
 PLANES = ("axial", "coronal", "sagittal")
 
@@ -270,7 +270,7 @@ def test_recall_counts_ties_against_the_model():
 
 
 def test_duplicate_captions_and_images_are_positives_in_the_clip_loss():
-    from training.losses import ContrastiveLoss
+    from training.models.losses import ContrastiveLoss
 
     register_tiny()
     torch.manual_seed(0)
@@ -289,7 +289,7 @@ def test_duplicate_captions_and_images_are_positives_in_the_clip_loss():
 def test_named_architecture_without_pretrained_warns(tmp_path: Path, caplog):
     make_workdir(tmp_path, CASES)
     with caplog.at_level(logging.WARNING, logger="training"):
-        from training.clip_train import ClipTrainer
+        from training.clip.train import ClipTrainer
 
         ClipTrainer(tiny_cfg(tmp_path))
     assert any("RANDOM weights" in r.getMessage() and "--pretrained" in r.getMessage() for r in caplog.records)

@@ -16,10 +16,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import typer
-
-from curation.manifest import read_manifest
-from curation.slicing import SliceConfig, run_slice
 from test_executors import make_folder, quiet
+
+from curation.slicing.stage import SliceConfig, run_slice
+from curation.store.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "cluster.md"
@@ -116,7 +116,7 @@ def fake_cluster(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
     script(bin_dir / "sbatch", f"#!{sys.executable}\n{FAKE_SBATCH}")
-    script(venv_bin / "curate", f'#!/bin/bash\nexec {shlex.quote(sys.executable)} -m cli.curate "$@"\n')
+    script(venv_bin / "curate", f'#!/bin/bash\nexec {shlex.quote(sys.executable)} -m med3dinsight.curate "$@"\n')
     (venv_bin / "activate").write_text(f'export PATH={shlex.quote(str(venv_bin))}:"$PATH"\n')
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", VENV=str(tmp_path / "venv"),
                FAKE_SLURM_STATE=str(tmp_path / "slurm"), PYTHONPATH=str(REPO))
@@ -192,8 +192,8 @@ def _commands(text: str) -> list[list[str]]:
 
 @pytest.mark.parametrize("which", ["curate", "train"])
 def test_doc_commands_use_real_flags(which: str):
-    from cli.curate import app as curate_app
-    from cli.train import app as train_app
+    from med3dinsight.curate import app as curate_app
+    from med3dinsight.train import app as train_app
 
     group = typer.main.get_command(curate_app if which == "curate" else train_app)
     seen = 0

@@ -9,9 +9,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from curation.dicom import DicomSeries, find_series, load_series
-from curation.dicom_write import write_multiframe, write_series
-from curation.volume_io import VolumeError
+from curation.dicom.load import DicomSeries, find_series, load_series
+from curation.imageio.volume_io import VolumeError
+from curation.sample.dicom_write import write_multiframe, write_series
 
 SITE = Path(pydicom.__file__).parent.parent
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"

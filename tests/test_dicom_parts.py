@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
-from curation.dicom import find_series, load_series
-from curation.dicom_dataset import dicom_tree
-from curation.dicom_write import write_series
-from curation.dicom_write_parts import write_enhanced_parts, write_mosaic
-from curation.volume_io import VolumeError
 from test_dicom import AFFINES, assert_same_world, volume
+
+from curation.dicom.load import find_series, load_series
+from curation.imageio.volume_io import VolumeError
+from curation.sample.dicom_write import write_series
+from curation.sample.dicom_write_parts import write_enhanced_parts, write_mosaic
+from curation.sources.dicom_tree import dicom_tree
 
 UID = "1.2.826.0.1.3680043.8.498.77"
 NIBABEL_DATA = Path(__import__("nibabel").__file__).parent / "nicom" / "tests" / "data"
@@ -247,7 +247,7 @@ def test_header_index_skips_reading_on_rerun(tmp_path: Path, monkeypatch) -> Non
     (tmp_path / "d" / "notes.txt").write_text("not dicom")
     cache = tmp_path / "cache"
     first = find_series(tmp_path / "d", series_parts="all", cache_dir=cache, id_key=b"k" * 32)
-    import curation.dicom_discover as discover
+    import curation.dicom.discover as discover
 
     calls = []
     real = discover.read_dataset
@@ -270,7 +270,7 @@ def test_header_index_skips_reading_on_rerun(tmp_path: Path, monkeypatch) -> Non
 
 
 def test_parallel_header_reading_matches_serial(tmp_path: Path, monkeypatch) -> None:
-    import curation.dicom_discover as discover
+    import curation.dicom.discover as discover
 
     _dwi(tmp_path)
     serial = find_series(tmp_path, series_parts="all", workers=1)

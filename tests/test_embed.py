@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
-
-from curation.manifest import read_manifest, write_manifest
 from test_clip import CASES, make_workdir, no_network, tiny_cfg  # noqa: F401  (no_network: autouse fixture)
-from training.clip_data import read_rgb
-from training.clip_models import register_tiny
-from training.clip_train import train_clip
-from training.embed import embed_manifest
-from curation.embed_store import load_embeddings, read_table, store_dir, text_key
+
+from curation.store.embed_store import load_embeddings, read_table, store_dir, text_key
+from curation.store.manifest import read_manifest, write_manifest
+from training.clip.data import read_rgb
+from training.clip.embed import embed_manifest
+from training.clip.train import train_clip
+from training.models.clip_models import register_tiny
 
 MANIFEST = Path("manifests/v1.parquet")
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from training.encoders import ENCODERS, build_encoder, encoder_config, encoder_name
+from training.models.encoders import ENCODERS, build_encoder, encoder_config, encoder_name
 
 # Tiny sizes: a 32^3 volume, so every encoder runs in well under a second on CPU.
 TINY = {

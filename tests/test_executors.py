@@ -14,15 +14,15 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import phantom_ras, ras_affine, save_nifti
 from typer.testing import CliRunner
 
-from cli.curate import app
-from conftest import phantom_ras, ras_affine, save_nifti
-from curation.executor import LocalExecutor, _one_thread
-from curation.manifest import read_manifest
-from curation.preprocess import PreprocessConfig
-from curation.ray_executor import RayExecutor, TaskLost
-from curation.slicing import SliceConfig, SliceStep, make_executor, merge_shards, parse_shard, run_slice
+from curation.executors.local import LocalExecutor, _one_thread
+from curation.executors.ray_executor import RayExecutor, TaskLost
+from curation.slicing.preprocess import PreprocessConfig
+from curation.slicing.stage import SliceConfig, SliceStep, make_executor, merge_shards, parse_shard, run_slice
+from curation.store.manifest import read_manifest
+from med3dinsight.curate import app
 
 G = 32
 REPO = Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ class RaiseOn(ExitOn):
 
 @pytest.mark.parametrize("step_cls, fault", [(ExitOn, "TaskLost: "), (RaiseOn, "MemoryError: cannot allocate")])
 def test_ray_crashed_or_raising_task_is_an_error_row_and_the_rest_goes_on(tmp_path: Path, ray_cluster, step_cls, fault):
-    from curation.datasets import discover
+    from curation.sources.datasets import discover
 
     root = make_folder(tmp_path / "data", good=3, bad=False)
     cfg = cfg_for(tmp_path / "w")
@@ -134,7 +134,7 @@ def test_ray_crashed_or_raising_task_is_an_error_row_and_the_rest_goes_on(tmp_pa
 def test_unwrap_keeps_one_line():
     import ray
 
-    from curation.ray_executor import _unwrap
+    from curation.executors.ray_executor import _unwrap
 
     lost = _unwrap(ray, ray.exceptions.WorkerCrashedError())
     assert isinstance(lost, TaskLost) and str(lost).startswith("WorkerCrashedError: ") and "\n" not in str(lost)
@@ -146,7 +146,7 @@ def test_cli_executor_ray_joins_a_running_cluster_by_address(tmp_path: Path, ray
     root = make_folder(tmp_path / "data", good=2)
     run_slice("nifti", root, cfg_for(tmp_path / "local"), log=quiet)
     address = ray_cluster.address_info["gcs_address"]
-    cmd = [sys.executable, "-m", "cli.curate", "slice", "--dataset", "nifti", "--root", str(root), "--grid-size", str(G),
+    cmd = [sys.executable, "-m", "med3dinsight.curate", "slice", "--dataset", "nifti", "--root", str(root), "--grid-size", str(G),
            "--workdir", str(tmp_path / "ray"), "--executor", "ray", "--ray-address", address]
     res = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -170,9 +170,9 @@ def test_curation_imports_without_ray_and_says_how_to_get_it(tmp_path: Path):
     make_folder(tmp_path / "data", good=1, bad=False)
     code = (
         "import sys; sys.modules['ray'] = None\n"  # makes `import ray` fail as if not installed
-        "import cli.curate, curation.slicing, curation.executor, curation.ray_executor\n"
+        "import med3dinsight.curate, curation.slicing.stage, curation.executors.local, curation.executors.ray_executor\n"
         "from typer.testing import CliRunner\n"
-        f"r = CliRunner().invoke(cli.curate.app, ['slice', '--dataset', 'nifti', '--root', {str(tmp_path / 'data')!r},"
+        f"r = CliRunner().invoke(med3dinsight.curate.app, ['slice', '--dataset', 'nifti', '--root', {str(tmp_path / 'data')!r},"
         f" '--workdir', {str(tmp_path / 'w')!r}, '--executor', 'ray'])\n"
         "print('EXIT', r.exit_code); print(r.output)\n"
     )
@@ -286,7 +286,7 @@ def test_more_shards_than_volumes_and_a_shard_of_bad_files_succeed(tmp_path: Pat
 def test_local_pool_a_dying_worker_is_one_error_row_and_the_rest_goes_on(tmp_path: Path):
     """A worker that dies breaks a process pool for every item in it; only the item that dies
     again when run alone is an error row, and the other volumes match a serial run."""
-    from curation.datasets import discover
+    from curation.sources.datasets import discover
 
     root = make_folder(tmp_path / "data", good=3, bad=False)
     specs, _ = discover("nifti", root)
@@ -339,10 +339,10 @@ def test_ray_address_that_finds_no_cluster_is_one_line_naming_our_flag():
 
 
 def test_console_script_with_workers_prestarts_its_pool_and_matches_one_process(tmp_path: Path):
-    """`curate slice --workers 2` as the console script runs it (cli.launch: the fork server
+    """`curate slice --workers 2` as the console script runs it (med3dinsight.launch: the fork server
     starts before the command line is parsed): a bad file is one line and an error row, the
     manifests equal an in-process single-worker run's, and the exit status is the command's."""
-    from cli.launch import prestart_slice_workers
+    from med3dinsight.launch import prestart_slice_workers
 
     assert not prestart_slice_workers(["slice", "--workers", "1"])
     assert not prestart_slice_workers(["slice", "--workers", "2", "--executor", "ray"])
@@ -350,7 +350,7 @@ def test_console_script_with_workers_prestarts_its_pool_and_matches_one_process(
     assert not prestart_slice_workers(["rank", "--workers", "2"])
     root = make_folder(tmp_path / "data", good=3)
     run_slice("nifti", root, cfg_for(tmp_path / "one"), log=quiet)
-    code = "import sys; from cli.launch import curate; sys.argv[0] = 'curate'; curate()"
+    code = "import sys; from med3dinsight.launch import curate; sys.argv[0] = 'curate'; curate()"
     cmd = [sys.executable, "-c", code, "slice", "--dataset", "nifti", "--root", str(root), "--grid-size", str(G),
            "--workdir", str(tmp_path / "two"), "--workers=2"]
     res = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)

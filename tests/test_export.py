@@ -4,8 +4,8 @@ import pytest
 import torch
 from monai.networks.nets import UNETR, ResNet, SwinUNETR, ViT
 
-from training.encoders import build_encoder
-from training.export import export_encoder, load_into_monai
+from training.models.encoders import build_encoder
+from training.pretrain.export import export_encoder, load_into_monai
 
 
 def _export_and_reload(enc, name, tmp_path):

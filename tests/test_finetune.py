@@ -11,15 +11,15 @@ import pytest
 import torch
 from monai.networks.nets import UNETR
 
-from curation.layout import Workdir
-from curation.manifest import write_manifest
-from curation.splits import split_of
-from training.encoders import build_encoder
-from training.errors import TrainingError
-from training.export import export_encoder, load_into_monai
-from training.finetune import FinetuneConfig, finetune
-from training.finetune_data import train_subset
-from training.finetune_nets import load_final
+from curation.store.layout import Workdir
+from curation.store.manifest import write_manifest
+from curation.store.splits import split_of
+from training.finetune.data import train_subset
+from training.finetune.nets import load_final
+from training.finetune.train import FinetuneConfig, finetune
+from training.loop.errors import TrainingError
+from training.models.encoders import build_encoder
+from training.pretrain.export import export_encoder, load_into_monai
 
 G = 32
 # UNETR fixes patch 16 and 12 layers: keep the width tiny instead.

@@ -13,14 +13,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import phantom_ras, ras_affine, save_nifti, write_msd_task
-from curation.fsutil import WorkdirError
-from curation.manifest import read_manifest
-from curation.preprocess import PreprocessConfig
-from curation.render import display_volume
-from curation.slicing import SliceConfig, run_slice
-from curation.volume_store import StoreError
+
+from curation.slicing.preprocess import PreprocessConfig
+from curation.slicing.render import display_volume
+from curation.slicing.stage import SliceConfig, run_slice
+from curation.store.fsutil import WorkdirError
+from curation.store.manifest import read_manifest
+from curation.store.volume_store import StoreError
 
 G = 24
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,7 +201,7 @@ def test_newline_in_a_file_name_and_library_warnings_stay_one_line(tmp_path: Pat
 
 
 def _curate(*args: str) -> subprocess.CompletedProcess:
-    code = "import sys; from cli.common import main; from cli.curate import app; main(app)"
+    code = "import sys; from med3dinsight.common import main; from med3dinsight.curate import app; main(app)"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "COLUMNS": "40", "HOME": "/tmp"}, timeout=300)
 
@@ -220,7 +220,7 @@ def test_filesystem_faults_are_one_line_and_a_nonzero_exit(tmp_path: Path, monke
     _run(root, w)
     manifest = (w / "manifests/volumes.parquet").read_bytes()
     save_nifti(root / "b.nii.gz", data[::-1].copy(), ras_affine())
-    import curation.slice_step as step
+    import curation.slicing.step as step
 
     def full(*_a, **_k):
         raise OSError(28, "No space left on device")
@@ -235,7 +235,7 @@ def test_filesystem_faults_are_one_line_and_a_nonzero_exit(tmp_path: Path, monke
 def test_gz_voxels_read_as_nibabel_reads_them(tmp_path: Path, dtype: str) -> None:
     """The inflate-into-the-array reader returns nibabel's values, type and shape, scaled files
     fall back to nibabel, and a file cut short is one line naming it."""
-    from curation.volume_io import VolumeError, load_nifti
+    from curation.imageio.volume_io import VolumeError, load_nifti
 
     rng = np.random.default_rng(3)
     data = (rng.random((21, 17, 9)) * 200).astype(dtype)
@@ -291,7 +291,7 @@ def test_damaged_manifests_are_rebuilt_from_the_volume_records(tmp_path: Path) -
     after_s = read_manifest(w / "manifests/slices.parquet")
     assert sorted(after_s["slice_id"]) == sorted(before_s["slice_id"])
     # a later stage meeting a damaged manifest says which file and what to do, in one line
-    from curation.manifest import ManifestError
+    from curation.store.manifest import ManifestError
 
     path = w / "manifests" / "slices.parquet"
     path.write_bytes(path.read_bytes()[:100])

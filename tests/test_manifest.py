@@ -6,8 +6,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from curation.layout import Workdir
-from curation.manifest import (
+from curation.store.layout import Workdir
+from curation.store.manifest import (
     RELEASE_SCHEMA,
     SLICES_SCHEMA,
     next_release_path,

@@ -25,15 +25,15 @@ import pandas as pd
 import pytest
 import torch
 
-from curation.embed_store import text_key, write_meta, write_table
-from curation.layout import Workdir
-from curation.manifest import write_manifest
-from training.align_model import build_model
-from training.errors import TrainingError
-from training.export import export_latest, load_into_monai
-from training.optim import param_groups, warmup_cosine
-from training.pretrain import PretrainConfig, pretrain
-from training.pretrain_data import ResumableSampler, VolumeSliceDataset, captioned_rows
+from curation.store.embed_store import text_key, write_meta, write_table
+from curation.store.layout import Workdir
+from curation.store.manifest import write_manifest
+from training.loop.errors import TrainingError
+from training.loop.optim import param_groups, warmup_cosine
+from training.models.align_model import build_model
+from training.pretrain.data import ResumableSampler, VolumeSliceDataset, captioned_rows
+from training.pretrain.export import export_latest, load_into_monai
+from training.pretrain.train import PretrainConfig, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 G, DIM, CLASSES = 32, 32, 4
@@ -147,9 +147,9 @@ def test_schedule_and_weight_decay_groups():
 
     assert fn(0) == pytest.approx(0.25) and fn(3) == pytest.approx(1.0)
     assert fn(12) == pytest.approx(0.5) and fn(20) == pytest.approx(0.0)
-    from training.losses import AlignmentLoss
+    from training.models.losses import AlignmentLoss
 
-    model = build_model(_cfg(Path("."), encoder="vit", encoder_kwargs=TINY_VIT), grid=G, clip_dim=DIM)
+    model = build_model(_cfg(Path("."), encoder="vit", encoder_kwargs=TINY_VIT).align_spec(), grid=G, clip_dim=DIM)
     loss = AlignmentLoss()
     decay, no_decay = param_groups({"m": model, "l": loss}, 0.1)
     names = {id(p): n for n, p in model.named_parameters()} | {id(loss.logit_scale): "logit_scale"}
@@ -164,9 +164,9 @@ def test_schedule_and_weight_decay_groups():
 def test_accum_freq_enlarges_the_contrastive_batch():
     """Two accumulated micro-batches of 2 give exactly the gradient of one batch of 4 (every sample
     contrasted with all 4; the logit scale counted once) and the same loss."""
-    from training.precision import Precision
-    from training.pretrain_step import TrainState, train_step
-    from training.rng import seed_all
+    from training.loop.precision import Precision
+    from training.loop.rng import seed_all
+    from training.pretrain.step import TrainState, train_step
 
     g = torch.Generator().manual_seed(0)
     batch = {"volume": torch.rand(4, 1, G // 2, G // 2, G // 2, generator=g), "plane": torch.tensor([0, 1, 2, 0]),
@@ -189,8 +189,8 @@ def test_accum_freq_enlarges_the_contrastive_batch():
 
 
 def test_splits_train_val_keeps_a_holdout(workdir, tmp_path, caplog):
-    from training.distributed import init_distributed
-    from training.pretrain import Pretrainer
+    from training.loop.distributed import init_distributed
+    from training.pretrain.train import Pretrainer
 
     info = init_distributed("cpu")
     wd = _copy_inputs(workdir, tmp_path / "splits")

@@ -3,25 +3,24 @@ any manifest, record.json, report, log or progress line; a patient is one subjec
 
 from __future__ import annotations
 
-import re
-
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-
 from conftest import phantom_ras, ras_affine, reorient, save_nifti
-from curation.dicom_write import write_series
-from curation.manifest import read_manifest, read_metadata
-from curation.preprocess import PreprocessConfig
-from curation.privacy import Scrubber
-from curation.private_map import PrivateMap
-from curation.slicing import SliceConfig, run_slice
-from curation.splits import case_splits
+
+from curation.privacy.private_map import PrivateMap
+from curation.privacy.scrub import Scrubber
+from curation.sample.dicom_write import write_series
+from curation.slicing.preprocess import PreprocessConfig
+from curation.slicing.stage import SliceConfig, run_slice
+from curation.store.manifest import read_manifest, read_metadata
+from curation.store.splits import case_splits
 
 G = 24
 # every spelling of the two patients' identifiers that must never come out
@@ -64,10 +63,10 @@ def export(tmp_path_factory) -> Path:
 
 
 def _lookup_app():
-    """`curate lookup` on its own (cli/curate.py registers it as `curate lookup`)."""
+    """`curate lookup` on its own (med3dinsight/curate.py registers it as `curate lookup`)."""
     import typer
 
-    from cli.lookup import lookup_cmd
+    from med3dinsight.lookup import lookup_cmd
 
     app = typer.Typer()
     app.command("lookup")(lookup_cmd)
@@ -104,7 +103,7 @@ def test_scrubber_any_case_order_and_separator() -> None:
 def test_dicom_run_is_pseudonymous_everywhere(export: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from cli.curate import app
+    from med3dinsight.curate import app
 
     w = tmp_path / "w"
     res = CliRunner().invoke(app, ["slice", "--dataset", "dicom", "--root", str(export), "--workdir", str(w),

@@ -5,8 +5,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from training.losses import AlignmentLoss, gather_batch, symmetric_infonce
-from training.psat import PSAT, LinearProjector, PSATConfig
+from training.models.losses import AlignmentLoss, gather_batch, symmetric_infonce
+from training.models.psat import PSAT, LinearProjector, PSATConfig
 
 TINY = dict(in_dim=16, width=32, num_queries=8, num_layers=1, num_heads=4, out_dim=24, grid=32)
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import phantom_ras, ras_affine, write_msd_task
-from curation.manifest import read_manifest
-from curation.preprocess import PreprocessConfig
-from curation.rank import RankConfig, run_rank
-from curation.slicing import SliceConfig, run_slice
+
+from curation.ranking.rank import RankConfig, run_rank
+from curation.slicing.preprocess import PreprocessConfig
+from curation.slicing.stage import SliceConfig, run_slice
+from curation.store.manifest import read_manifest
 
 G = 32
 
@@ -68,7 +68,7 @@ def test_rank_errors_cleanly_without_slices(tmp_path: Path):
 
 def test_voter_beats_random_on_mni152_labels(tmp_path: Path):
     """Package-shipped MNI152 + tissue masks: k=1 label coverage of the voter >= random's mean."""
-    from curation.sample_data import write_mni_task
+    from curation.sample.sample_data import write_mni_task
 
     task = write_mni_task(tmp_path / "d", resolution=2)
     w = tmp_path / "w"

@@ -11,20 +11,20 @@ import open_clip
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import phantom_ras, ras_affine, write_msd_task
+from test_clip import CASES, make_workdir, no_network, tiny_cfg  # noqa: F401  (no_network: autouse fixture)
 from typer.testing import CliRunner
 
-from cli.curate import app
-from conftest import phantom_ras, ras_affine, write_msd_task
-from curation.embed_store import read_table
-from curation.manifest import read_manifest
-from curation.preprocess import PreprocessConfig
-from curation.rank import RankConfig, mixed_prior, query_prior, run_rank
-from curation.slicing import SliceConfig, run_slice
-from test_clip import CASES, make_workdir, no_network, tiny_cfg  # noqa: F401  (no_network: autouse fixture)
-from training.clip_data import read_rgb
-from training.clip_models import register_tiny
-from training.clip_train import train_clip
-from training.rank_features import ClipRankFeatures
+from curation.ranking.rank import RankConfig, mixed_prior, query_prior, run_rank
+from curation.slicing.preprocess import PreprocessConfig
+from curation.slicing.stage import SliceConfig, run_slice
+from curation.store.embed_store import read_table
+from curation.store.manifest import read_manifest
+from med3dinsight.curate import app
+from training.clip.data import read_rgb
+from training.clip.rank_features import ClipRankFeatures
+from training.clip.train import train_clip
+from training.models.clip_models import register_tiny
 
 G = 32
 SIZE = 64  # PNG side for the tests (the tiny CLIP sees 32 px)
@@ -171,7 +171,7 @@ def test_query_weight_one_ranks_each_pool_by_image_text_similarity(workdir: Path
     # deferred (near-empty, edge) slices stay last with W = 1
     run_rank(RankConfig(workdir=w, query=QUERY), query_scores=feats.query_scores(QUERY))
     d = read_manifest(w / "manifests/slices.parquet")
-    from curation.informativeness import defer_mask
+    from curation.ranking.informativeness import defer_mask
 
     deferred = defer_mask(d)
     assert deferred.any()

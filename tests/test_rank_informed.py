@@ -9,18 +9,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import phantom_ras, ras_affine, write_msd_task
-from curation.body_mask import body_mask
-from curation.informativeness import defer_mask, population_atypicality, prior_from_scores
-from curation.manifest import read_manifest
-from curation.preprocess import PreprocessConfig
-from curation.rank import RankConfig, run_rank
-from curation.rank_eval import random_hit_probability, random_min_distance
-from curation.slice_rows import slice_rows
-from curation.slicing import SliceConfig, run_slice
-from curation.stratify import stratify_ranks
-from curation.vote import vote_k
+
+from curation.ranking.evaluate import random_hit_probability, random_min_distance
+from curation.ranking.informativeness import defer_mask, population_atypicality, prior_from_scores
+from curation.ranking.rank import RankConfig, run_rank
+from curation.ranking.stratify import stratify_ranks
+from curation.ranking.vote import vote_k
+from curation.slicing.body_mask import body_mask
+from curation.slicing.preprocess import PreprocessConfig
+from curation.slicing.rows import slice_rows
+from curation.slicing.stage import SliceConfig, run_slice
+from curation.store.manifest import read_manifest
 
 G = 32
 

@@ -13,12 +13,12 @@ from urllib.parse import unquote
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import phantom_ras, ras_affine, save_nifti, write_msd_task
-from curation.manifest import SLICES_SCHEMA, read_manifest, write_manifest
-from curation.preprocess import PreprocessConfig
-from curation.report import build_report, page_name
-from curation.slicing import SliceConfig, run_slice
+
+from curation.report.html import build_report, page_name
+from curation.slicing.preprocess import PreprocessConfig
+from curation.slicing.stage import SliceConfig, run_slice
+from curation.store.manifest import SLICES_SCHEMA, read_manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 EVIL = "<script>alert(1)</script> & stuff"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from curation.resample import axis_weights, resize3d
+from curation.slicing.resample import axis_weights, resize3d
 
 
 def _reference(arr: np.ndarray, out_shape: tuple[int, int, int]) -> np.ndarray:
@@ -31,7 +31,7 @@ LAYOUTS = {
 
 def test_integer_outer_axis_in_blocks_equals_whole(monkeypatch) -> None:
     """An integer source whose outer axis shrinks is made float a block of columns at a time."""
-    import curation.resample as rs
+    import curation.slicing.resample as rs
 
     rng = np.random.default_rng(3)
     arr = np.asfortranarray(rng.integers(-1000, 1000, size=(80, 40, 30), dtype=np.int16))

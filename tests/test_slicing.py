@@ -11,15 +11,15 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import phantom_ras, ras_affine, reorient, save_nifti, write_msd_task
-from curation.datasets import discover
-from curation.executor import Executor, LocalExecutor
-from curation.manifest import read_manifest, read_metadata
-from curation.preprocess import PreprocessConfig
-from curation.render import render_png, render_slices
-from curation.slicing import SliceConfig, SliceStep, merge_shards, run_slice
-from curation.volume_store import load_display
+
+from curation.executors.local import Executor, LocalExecutor
+from curation.slicing.preprocess import PreprocessConfig
+from curation.slicing.render import render_png, render_slices
+from curation.slicing.stage import SliceConfig, SliceStep, merge_shards, run_slice
+from curation.sources.datasets import discover
+from curation.store.manifest import read_manifest, read_metadata
+from curation.store.volume_store import load_display
 
 G = 32
 
@@ -106,7 +106,7 @@ def test_radiological_display_convention(tmp_path: Path, phantom):
     vols = read_manifest(tmp_path / "w/manifests/volumes.parquet")
     v = vols.iloc[0].to_dict()
     dsp = load_display(tmp_path / "w" / v["display_path"])
-    from curation.render import slice_pixels
+    from curation.slicing.render import slice_pixels
 
     # Axial slice through the RAS blob (x, y, z > 0): patient right -> image left, anterior -> top.
     img = slice_pixels(dsp, v, "axial", int(G * 0.7), size=96)
@@ -138,7 +138,7 @@ def test_lazy_display_volume_renders_the_training_slice(tmp_path: Path):
     assert dsp.shape == (24, 24, 8)  # 24 x 24 x 32 mm: 1 mm in-plane, the 4 mm slices kept
     assert list(v["display_spacing"]) == pytest.approx([1.0, 1.0, 4.0])
     vol = np.load(tmp_path / "w" / v["volume_path"]).astype(np.float32)
-    from curation.render import slice_pixels
+    from curation.slicing.render import slice_pixels
 
     errors, flipped = [], []
     for plane, ax in (("sagittal", 0), ("coronal", 1), ("axial", 2)):
@@ -211,7 +211,7 @@ def test_missing_label_file_leaves_the_image_sliced_without_labels(tmp_path: Pat
 def test_cli_exit_codes(tmp_path: Path, phantom):
     from typer.testing import CliRunner
 
-    from cli.curate import app
+    from med3dinsight.curate import app
 
     data, _ = phantom
     root = tmp_path / "data"
@@ -273,7 +273,7 @@ def test_a_workdir_sliced_before_keeps_its_volumes_and_pngs(tmp_path: Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from curation.render import render_slice
+    from curation.slicing.render import render_slice
 
     _make_cases(tmp_path / "d")
     task = tmp_path / "d" / "Task03_Many"
@@ -451,7 +451,7 @@ def test_render_is_deterministic_and_recorded(tmp_path: Path, phantom):
 
 
 def test_dicom_series_gives_the_same_slices_as_nifti(tmp_path: Path, phantom):
-    from curation.dicom_write import write_series
+    from curation.sample.dicom_write import write_series
 
     data, _ = phantom
     aff = ras_affine(spacing=(1.0, 1.0, 2.0))
@@ -486,7 +486,7 @@ def test_sample_data_end_to_end_through_the_cli(tmp_path: Path):
     """Real package-shipped volumes (nilearn MNI152 + masks, nibabel, pydicom) through the CLI."""
     from typer.testing import CliRunner
 
-    from cli.curate import app
+    from med3dinsight.curate import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["sample-data", "--out", str(tmp_path / "data")])
@@ -510,7 +510,7 @@ def test_sample_data_end_to_end_through_the_cli(tmp_path: Path):
 def test_dicom_body_part_sets_region_and_ct_display_window(tmp_path: Path, phantom):
     import pydicom
 
-    from curation.dicom_write import write_series
+    from curation.sample.dicom_write import write_series
 
     data, _ = phantom
     files = write_series(data - 1000, ras_affine(), tmp_path / "dcm" / "s", modality="CT")
@@ -534,7 +534,7 @@ def test_unnamed_4d_time_series_keeps_its_first_volume(tmp_path: Path, phantom):
 
 
 def test_sample_data_rerun_keeps_files_so_slicing_resumes(tmp_path: Path):
-    from curation.sample_data import write_nibabel_subset
+    from curation.sample.sample_data import write_nibabel_subset
 
     root = tmp_path / "3dseg8"
     write_nibabel_subset(root)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from curation.splits import assign_splits, case_splits, split_of
+from curation.store.splits import assign_splits, case_splits, split_of
 
 
 def test_split_is_subject_wise_and_7_1_2_in_expectation():

@@ -8,16 +8,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from conftest import phantom_ras, ras_affine, write_msd_task
 from typer.testing import CliRunner
 
-from conftest import phantom_ras, ras_affine, write_msd_task
-from cli.curate import app as curate
-from curation.preprocess import PreprocessConfig
-from curation.slicing import SliceConfig, run_slice
-from cli.train import app as train
-from training.export import load_into_monai
+from curation.slicing.preprocess import PreprocessConfig
+from curation.slicing.stage import SliceConfig, run_slice
+from med3dinsight.curate import app as curate
+from med3dinsight.train import app as train
+from training.pretrain.export import load_into_monai
 
-TINY = str(Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny-clip.json")
+TINY = str(Path(__file__).resolve().parents[1] / "training" / "models" / "configs" / "tiny-clip.json")
 
 
 def test_train_stages_through_the_cli(tmp_path: Path, monkeypatch):

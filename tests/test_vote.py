@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from curation.rank_eval import evaluate, format_table
-from curation.features import builtin_features, reduce_features
-from curation.vote import global_selection_order, knn_cosine, rank_pools, vote_k
+from curation.ranking.evaluate import evaluate, format_table
+from curation.ranking.features import builtin_features, reduce_features
+from curation.ranking.vote import global_selection_order, knn_cosine, rank_pools, vote_k
 
 PLANES = ("axial", "coronal", "sagittal")
 

@@ -1,0 +1,328 @@
+"""`train clip`: fine-tune an open_clip model on the manifest's (slice PNG, caption) pairs.
+
+Symmetric contrastive loss (open_clip's ClipLoss with duplicates as positives: the same caption
+or the same image twice in a batch is not a negative; ``training.models.losses``; learnable logit scale), AdamW with linear
+warmup + cosine decay, optional tower locking and gradient accumulation done the open_clip way
+(features of the whole accumulated batch take part in every chunk's loss). Validation
+retrieval recall (``i2t_R@k``, ``t2i_R@k``) is measured for the base model before the first
+step and after every epoch.
+
+Checkpoints in ``Workdir.clip_checkpoints``: ``epoch_N.pt`` and ``final.pt`` are portable
+(weights + plain metadata), ``latest.pt`` also holds optimizer, scaler and RNG state for
+``--resume latest``. Metrics go to ``metrics.jsonl`` (see ``training.loop.runlog``). Precision,
+schedule, weight-decay groups, RNG state, checkpoint files and the resume policy come from the
+toolkit `train pretrain` uses too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from curation.store.layout import Workdir
+from training.clip.data import ClipPairs, EpochSampler, read_pairs
+from training.clip.retrieval import evaluate
+from training.loop.checkpoint import LATEST, ResumePolicy, config_dict, resolve_resume, save, warn_if_overwriting
+from training.loop.distributed import resolve_device, unwrap
+from training.loop.errors import TrainingError, input_errors
+from training.loop.optim import adamw, set_hparams, warmup_cosine
+from training.loop.precision import Precision, resolve_precision
+from training.loop.rng import rng_state, seed_all, set_rng_state
+from training.loop.runlog import MetricsLog, recall_line, val_metrics
+from training.models.clip_models import (
+    CHECKPOINT_FORMAT,
+    HF_HUB_PREFIX,
+    checkpoint_dict,
+    create_clip,
+    write_config_sidecar,
+)
+from training.models.losses import ContrastiveLoss, duplicate_positives
+
+log = logging.getLogger(__name__)
+
+# How a resume treats config fields that differ from the checkpoint's: the checkpoint names the
+# model it continues (a different --model is overridden, with a warning); operational fields
+# change freely; any other change (lr, epochs, ...) applies with a warning.
+RESUME_POLICY = ResumePolicy(
+    adopt=("model",),
+    allow=("workdir", "pretrained", "workers", "precision", "resume", "device", "max_steps", "grad_clip_norm"),
+)
+
+
+@dataclass
+class ClipTrainConfig:
+    """Options of `train clip` (flag names follow open_clip's trainer)."""
+
+    workdir: Path = Path(".")
+    manifest: Path = Path("manifests/v1.parquet")
+    model: str = "ViT-B-16"  # open_clip name, config JSON, or hf-hub: id
+    pretrained: str | None = None  # open_clip tag, hf-hub: id, or checkpoint path; None = random init
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-5
+    wd: float = 0.1
+    warmup: int = 100  # optimizer steps
+    workers: int = 4
+    precision: str | None = None  # amp | bf16 | fp32; None: amp on CUDA, fp32 on CPU
+    resume: str | None = None  # "latest" or a checkpoint path
+    seed: int = 0
+    lock_image: bool = False
+    lock_text: bool = False
+    accum_freq: int = 1
+    device: str | None = None  # None: cuda when available
+    max_steps: int | None = None  # stop early (the schedule still spans all epochs)
+    grad_clip_norm: float | None = None
+
+
+@dataclass
+class ClipTrainResult:
+    model: str
+    step: int
+    total_steps: int
+    completed: bool  # the whole schedule ran (final.pt written)
+    latest_checkpoint: Path
+    final_checkpoint: Path | None
+    fingerprint: str
+    base_metrics: dict[str, float]
+    val_metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)  # this run's metrics.jsonl rows
+    seconds: float = 0.0
+
+
+def train_clip(cfg: ClipTrainConfig) -> ClipTrainResult:
+    """Fine-tune CLIP on the manifest's train split, evaluating on its val split each epoch.
+
+    Raises TrainingError on bad input (manifest, model, checkpoint) or a refused resume.
+    """
+    return ClipTrainer(cfg).run()
+
+
+class ClipTrainer:
+    """A `train clip` run: model, data, optimizer and resume state set up on construction."""
+
+    def __init__(self, cfg: ClipTrainConfig):
+        self.t0 = time.time()
+        self.workdir = Path(cfg.workdir)
+        self.dir = Workdir(cfg.workdir).clip_checkpoints
+        self.device = resolve_device(cfg.device)
+        self.precision: Precision = resolve_precision(cfg.precision, self.device)
+        if cfg.accum_freq < 1:
+            raise TrainingError("--accum-freq must be >= 1")
+        seed_all(cfg.seed)
+
+        resume_path, state = resolve_resume(cfg.resume, self.dir, CHECKPOINT_FORMAT)
+        warn_if_overwriting(self.dir, resuming=state is not None)
+        with input_errors():
+            if state is not None:
+                cfg = replace(cfg, **RESUME_POLICY.reconcile(state.get("config", {}), config_dict(cfg)))
+                clip = create_clip(state["model"], str(resume_path), self.device)
+                clip.model_cfg = state.get("model_cfg") or clip.model_cfg
+            else:
+                hub = (cfg.pretrained or "").startswith(HF_HUB_PREFIX)
+                if not cfg.pretrained and not cfg.model.startswith(HF_HUB_PREFIX):
+                    log.warning(
+                        "--model %s without --pretrained: CLIP starts from RANDOM weights, not a pretrained "
+                        "model; pass --pretrained TAG (e.g. openai), hf-hub:ID (e.g. "
+                        "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224, needs the network) "
+                        "or a local checkpoint path (offline)", cfg.model)
+                clip = create_clip(cfg.pretrained if hub else cfg.model, None if hub else cfg.pretrained, self.device)
+            self.train_df = read_pairs(self.workdir, cfg.manifest, "train")
+            self.val_df = read_pairs(self.workdir, cfg.manifest, "val")
+        self.cfg, self.clip, self.model = cfg, clip, clip.model
+        if cfg.lock_image:
+            self.model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+        if cfg.lock_text:
+            self.model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+
+        self.train_ds = ClipPairs(self.workdir, self.train_df, clip.preprocess_train, clip.tokenizer, seed=cfg.seed)
+        self.steps_per_epoch = len(self.train_ds) // cfg.batch_size // cfg.accum_freq
+        if self.steps_per_epoch < 1:
+            raise TrainingError(
+                f"{len(self.train_ds)} training pairs make no optimizer step with --batch-size {cfg.batch_size} "
+                f"and --accum-freq {cfg.accum_freq}")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.optimizer = adamw(self.model, cfg.lr, cfg.wd)
+        self.scaler = self.precision.grad_scaler()
+        self.loss_fn = ContrastiveLoss()
+
+        self.step = 0
+        self.resumed = state is not None
+        self.base_metrics: dict[str, float] = {}
+        self.val_metrics: dict[str, float] = {}
+        if state is not None:
+            self._restore(resume_path, state)
+
+    def _restore(self, path: Path, state: dict[str, Any]) -> None:
+        self.step = int(state.get("step", 0))
+        self.base_metrics = state.get("base_metrics", {})
+        self.val_metrics = state.get("metrics", {})
+        if "optimizer" in state:
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except ValueError as e:
+                raise TrainingError(f"{path}: its optimizer state does not fit this model ({e})") from e
+            set_hparams(self.optimizer, self.cfg.lr, self.cfg.wd)  # this run's config wins
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+        else:
+            log.warning("%s holds no optimizer state; the optimizer starts fresh", path)
+        log.info("resumed %s at step %d/%d", path, self.step, self.total_steps)
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation retrieval recall of the current model ({} without a val split)."""
+        if self.val_df.empty:
+            return {}
+        return evaluate(
+            self.model, [str(self.workdir / p) for p in self.val_df["image_path"]], list(self.val_df["image_sha256"]),
+            list(self.val_df["caption"]), self.clip.preprocess_val, self.clip.tokenizer, self.device,
+            batch_size=self.cfg.batch_size, workers=self.cfg.workers, autocast_dtype=self.precision.dtype,
+        )
+
+    def save(self, path: Path, full: bool, epoch: int) -> dict[str, Any]:
+        """Write a portable checkpoint (weights + metadata) to ``path``; ``full`` adds the
+        optimizer, scaler and RNG state that ``--resume`` needs."""
+        extra: dict[str, Any] = {
+            "pretrained": self.cfg.pretrained, "config": config_dict(self.cfg),
+            "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+            "base_metrics": self.base_metrics, "step": self.step, "epoch": epoch, "metrics": self.val_metrics,
+        }
+        if full:
+            extra.update(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), rng=rng_state())
+        ckpt = checkpoint_dict(self.model, self.clip.name, self.clip.model_cfg, **extra)
+        save(ckpt, path)
+        return ckpt
+
+    def _epoch(self, epoch: int, stop_at: int) -> tuple[list[float], float]:
+        """Train from the current step to the end of ``epoch`` (or ``stop_at``): (finite losses, last lr)."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        done_batches = (self.step % spe) * cfg.accum_freq
+        sampler = EpochSampler(len(self.train_ds), cfg.seed, epoch, skip=done_batches * cfg.batch_size)
+        loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                            drop_last=True, pin_memory=self.device.type == "cuda")
+        batches = itertools.islice(iter(loader), spe * cfg.accum_freq - done_batches)
+        losses: list[float] = []
+        lr = cfg.lr
+        while self.step < stop_at and self.step // spe == epoch:
+            chunk = list(itertools.islice(batches, cfg.accum_freq))
+            lr = cfg.lr * warmup_cosine(self.step, cfg.warmup, self.total_steps)
+            set_hparams(self.optimizer, lr)
+            loss = train_step(self.model, chunk, self.loss_fn, self.optimizer, self.scaler, self.device,
+                              self.precision, cfg.grad_clip_norm)
+            self.step += 1
+            if math.isfinite(loss):
+                losses.append(loss)
+            else:
+                log.warning("non-finite loss at step %d; update skipped", self.step)
+        return losses, lr
+
+    def run(self) -> ClipTrainResult:
+        """Train to the end of the schedule (or ``max_steps``) and return what happened."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        stop_at = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
+        history: list[dict[str, Any]] = []
+        with MetricsLog(self.dir, resume_step=self.step if self.resumed else None) as metrics:
+            def record(row: dict[str, Any]) -> None:
+                history.append(row)
+                metrics.write(row)
+
+            if not self.resumed:
+                self.base_metrics = self.evaluate()
+                record({"step": 0, "epoch": 0, **val_metrics(self.base_metrics)})
+                log.info("base model (%s, pretrained=%s): val %s", self.clip.name, cfg.pretrained,
+                         recall_line(self.base_metrics) or "(no val split)")
+            self.model.train()
+            while self.step < stop_at:
+                epoch, t_epoch = self.step // spe, time.time()
+                losses, lr = self._epoch(epoch, stop_at)
+                if self.step % spe:
+                    continue  # stopped mid-epoch (max_steps)
+                self.val_metrics = self.evaluate()
+                n_epoch = self.step // spe
+                loss = sum(losses) / len(losses) if losses else float("nan")
+                record({"step": self.step, "epoch": n_epoch, "loss": loss, "lr": lr,
+                        "logit_scale": float(unwrap(self.model).logit_scale.detach().exp()),
+                        "seconds": round(time.time() - t_epoch, 2), **val_metrics(self.val_metrics)})
+                log.info("epoch %d/%d step %d/%d loss %.4f lr %.2e val %s", n_epoch, cfg.epochs, self.step,
+                         self.total_steps, loss, lr, recall_line(self.val_metrics))
+                self.save(self.dir / f"epoch_{n_epoch}.pt", full=False, epoch=n_epoch)
+                if self.step < stop_at:
+                    self.save(self.dir / LATEST, full=True, epoch=n_epoch)
+
+        ckpt = self.save(self.dir / LATEST, full=True, epoch=self.step // spe)
+        final = None
+        if self.step >= self.total_steps:
+            final = self.dir / "final.pt"
+            self.save(final, full=False, epoch=cfg.epochs)
+            sidecar = write_config_sidecar(self.clip.name, self.clip.model_cfg, self.dir)
+            log.info("final checkpoint %s%s", final,
+                     f" (register {sidecar} with open_clip.add_model_config to load it)" if sidecar else "")
+        return ClipTrainResult(
+            model=self.clip.name, step=self.step, total_steps=self.total_steps, completed=final is not None,
+            latest_checkpoint=self.dir / LATEST, final_checkpoint=final, fingerprint=ckpt["fingerprint"],
+            base_metrics=self.base_metrics, val_metrics=self.val_metrics, history=history,
+            seconds=time.time() - self.t0,
+        )
+
+
+def _positives(chunk: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """Same caption (equal tokens) or same image (equal image id, when the batch carries it)."""
+    tokens = torch.cat([b[1] for b in chunk])
+    ids = torch.cat([b[2] for b in chunk]) if all(len(b) > 2 for b in chunk) else None
+    return duplicate_positives(tokens, ids)
+
+
+def train_step(
+    model: torch.nn.Module,
+    chunk: list[tuple[torch.Tensor, ...]],
+    loss_fn: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    precision: Precision,
+    grad_clip_norm: float | None = None,
+) -> float:
+    """One optimizer step over ``len(chunk)`` batches of (images, tokens[, image ids]) at the
+    optimizer's current lr; returns the loss of the whole batch (NaN, and no update, when it is
+    not finite). Duplicates across the whole accumulated batch are positives."""
+    chunk = [tuple(t.to(device, non_blocking=True) for t in b) for b in chunk]
+    pos = _positives(chunk)
+    optimizer.zero_grad(set_to_none=True)
+    if len(chunk) == 1:
+        with precision.autocast():
+            img, txt, scale = model(*chunk[0][:2])[:3]
+            loss = loss_fn(img, txt, scale, positives=pos)
+        scaler.scale(loss).backward()
+    else:
+        # Gradient accumulation for a contrastive loss: every sample must see the negatives of
+        # the whole accumulated batch, so first embed all chunks without grad, then recompute
+        # one chunk at a time with grad and splice it in (as open_clip's --accum-freq).
+        with torch.no_grad(), precision.autocast():
+            feats = [model(*b[:2])[:2] for b in chunk]
+        for j, batch in enumerate(chunk):
+            with precision.autocast():
+                img_j, txt_j, scale = model(*batch[:2])[:3]
+                img = torch.cat([f[0] for f in feats[:j]] + [img_j] + [f[0] for f in feats[j + 1:]])
+                txt = torch.cat([f[1] for f in feats[:j]] + [txt_j] + [f[1] for f in feats[j + 1:]])
+                # The logit scale's gradient must be counted once, not once per chunk.
+                loss = loss_fn(img, txt, scale if j == 0 else scale.detach(), positives=pos)
+            scaler.scale(loss).backward()
+    if not torch.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        return float("nan")
+    if grad_clip_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    with torch.no_grad():  # as open_clip: keep exp(logit_scale) <= 100
+        unwrap(model).logit_scale.clamp_(0, math.log(100))
+    return float(loss.detach())

@@ -1,0 +1,312 @@
+"""`train finetune`: does pretraining help downstream? Fine-tune a MONAI network from scratch or
+from a pretrained encoder on the curated volumes and score it on the release's test subjects.
+
+seg: DiceCE loss, Dice per class (MONAI ``DiceMetric``) on the test split; cls: cross-entropy,
+accuracy and AUC. Outputs in ``checkpoints/finetune/<name>/``: ``step_N.pt`` / ``latest.pt``
+(``--resume latest``), ``final.pt`` (the network's state dict), ``final.json`` (class path and
+constructor args: ``training.finetune.nets.load_final`` rebuilds it strictly), ``metrics.json``
+and ``metrics.jsonl``. ``steps=0`` scores the initial network. The toolkit (precision, optim,
+rng, checkpoint, runlog, errors) is the one `train pretrain` uses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from curation.store.fsutil import atomic_write_text
+from curation.store.layout import Workdir
+from training.finetune.data import VolumeSet, batch_indices, read_labels, seg_classes, select_volumes, train_subset
+from training.finetune.evaluate import evaluate_cls, evaluate_seg, seg_loss
+from training.finetune.nets import build_net, encoder_config_for, final_description, load_encoder, net_spec, read_init
+from training.loop.checkpoint import ResumePolicy, config_dict, point_latest, resolve_resume, save, warn_if_overwriting
+from training.loop.distributed import resolve_device
+from training.loop.errors import TrainingError
+from training.loop.optim import adamw, set_hparams, warmup_cosine
+from training.loop.precision import resolve_precision
+from training.loop.rng import rng_state, seed_all, set_rng_state
+from training.loop.runlog import MetricsLog
+
+log = logging.getLogger(__name__)
+
+CKPT_FORMAT = "med3dinsight-finetune-state/1"
+
+# What a resume does with a changed field: the data and the network must stay; lr etc. warn.
+RESUME_POLICY = ResumePolicy(
+    refuse=("task", "encoder", "init", "where", "labels", "train_fraction", "encoder_kwargs", "img_size",
+            "feature_size", "seed"),
+    allow=("workdir", "resume", "name", "log_every", "ckpt_every", "device", "progress", "tensorboard", "stop_after"),
+)
+
+
+@dataclass
+class FinetuneConfig:
+    """Options of `train finetune` (one place for the defaults)."""
+
+    workdir: Path
+    task: str = "seg"  # seg | cls
+    encoder: str = "vit"  # vit | swin | cnn
+    init: str = "scratch"  # scratch, an export (.json / .pt) or a pretrain checkpoint
+    where: str | None = None  # DuckDB SQL condition over volumes.parquet
+    labels: str | None = None  # cls: CSV case_id,label
+    train_fraction: float = 1.0
+    steps: int | None = None  # overrides epochs
+    epochs: int = 100
+    stop_after: int | None = None  # end this invocation at this step (schedule unchanged)
+    batch_size: int = 2
+    lr: float = 1e-4
+    wd: float = 1e-5
+    warmup: int = 0
+    grad_clip: float = 1.0
+    precision: str = "amp"
+    resume: str | None = None
+    seed: int = 0
+    name: str | None = None  # default: <task>-<encoder>-<scratch | init file stem>
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)  # scratch only
+    img_size: int | None = None  # network input side; default: the init's, else the volumes' grid
+    feature_size: int = 16  # UNETR decoder width
+    log_every: int = 10
+    ckpt_every: int = 500
+    device: str = "auto"
+    progress: bool = True
+    tensorboard: bool = False
+
+
+@dataclass
+class FinetuneResult:
+    """What a `finetune` call did."""
+
+    name: str
+    directory: Path
+    start_step: int
+    step: int
+    total_steps: int
+    n_train: int
+    n_test: int
+    metrics: dict[str, Any]  # metrics.json's content ({"test": {...}, ...}); {} when stopped early
+    losses: list[float]
+    seconds: float
+
+
+def run_name(cfg: FinetuneConfig) -> str:
+    """The run's folder name under ``checkpoints/finetune``."""
+    if cfg.name:
+        if "/" in cfg.name or cfg.name in (".", ".."):
+            raise TrainingError(f"--name {cfg.name!r}: a plain folder name, please")
+        return cfg.name
+    tag = "scratch" if cfg.init == "scratch" else Path(cfg.init).stem
+    return f"{cfg.task}-{cfg.encoder}-{tag}"
+
+
+def finetune(cfg: FinetuneConfig) -> FinetuneResult:
+    """Run (or resume) a fine-tuning and score it on the test split. TrainingError on bad input."""
+    return Finetuner(cfg).run()
+
+
+def _resolve_init(cfg: FinetuneConfig) -> Path | None:
+    if cfg.init == "scratch":
+        return None
+    p = Path(cfg.init)
+    if p.exists() or p.is_absolute():
+        return p
+    return Path(cfg.workdir) / p
+
+
+class Finetuner:
+    """A fine-tuning run, set up from its config (and the checkpoint it resumes) on construction."""
+
+    def __init__(self, cfg: FinetuneConfig):
+        self.t0 = time.time()
+        self.name = run_name(cfg)
+        self.dir = Workdir(cfg.workdir).finetune_checkpoints / self.name
+        self.last_ckpt, ckpt = resolve_resume(cfg.resume, self.dir, CKPT_FORMAT)
+        warn_if_overwriting(self.dir, resuming=ckpt is not None)
+        if ckpt is not None:
+            cfg = replace(cfg, **RESUME_POLICY.reconcile(ckpt["config"], config_dict(cfg)))
+        self.cfg = cfg
+        if cfg.task not in ("seg", "cls"):
+            raise TrainingError(f"--task {cfg.task}: choose seg or cls")
+        if cfg.batch_size < 1 or (cfg.steps is not None and cfg.steps < 0) or cfg.epochs < 0:
+            raise TrainingError("--batch-size must be >= 1 and --steps / --epochs >= 0")
+        self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+
+        rows = select_volumes(cfg.workdir, cfg.where)
+        if rows.empty:
+            raise TrainingError(f"no usable volumes{self._selection_hint()}")
+        self.classes, targets = self._targets(rows)
+        rows = rows[targets.notna()].reset_index(drop=True) if targets is not None else rows
+        init_path = _resolve_init(cfg)
+        self.init = read_init(init_path) if init_path is not None else None
+        grid = int(rows["grid_size"].iloc[0]) if len(rows) else 128
+        enc_cfg = encoder_config_for(cfg.encoder, self.init, cfg.img_size or grid, cfg.encoder_kwargs)
+        if self.init is not None and cfg.img_size and cfg.img_size != enc_cfg.img_size:
+            raise TrainingError(f"--img-size {cfg.img_size}: {self.init.path} was pretrained at {enc_cfg.img_size}")
+        self.img_size = enc_cfg.img_size
+        self.spec = net_spec(cfg.task, cfg.encoder, enc_cfg, len(self.classes), cfg.feature_size)
+
+        train = train_subset(rows, cfg.train_fraction, cfg.seed)
+        test = rows[rows["split"] == "test"].reset_index(drop=True)
+        if train.empty:
+            raise TrainingError(f"no train volumes{self._selection_hint()}")
+        if test.empty:
+            raise TrainingError(f"no test volumes: none of the selected cases falls in the test split"
+                                f"{self._selection_hint()}")
+        self.train, self.test = self._set(train), self._set(test)
+
+        seed_all(cfg.seed)  # the same scratch init (and decoder init) for the same seed
+        self.net = build_net(self.spec).to(self.device)
+        if self.init is not None:
+            load_encoder(self.net, self.spec, self.init)
+        self.optimizer = adamw(self.net, cfg.lr, cfg.wd)
+        self.scaler = self.precision.grad_scaler()
+        self.loss_fn = seg_loss() if cfg.task == "seg" else torch.nn.CrossEntropyLoss()
+        self.per_epoch = max(1, len(self.train) // cfg.batch_size)
+        self.total = cfg.steps if cfg.steps is not None else cfg.epochs * self.per_epoch
+        self.step = 0
+        self.resumed = ckpt is not None
+        if ckpt is not None:
+            self._restore(ckpt)
+
+    def _selection_hint(self) -> str:
+        return f" among the volumes --where {self.cfg.where!r} selects" if self.cfg.where else ""
+
+    def _targets(self, rows) -> tuple[list[str], Any]:
+        """(class names, per-row target or None for seg); unlabelled rows get NaN and are dropped."""
+        if self.cfg.task == "seg":
+            labelled = rows["label_volume_path"].notna()
+            if not labelled.any():
+                raise TrainingError(f"no volumes with a label volume{self._selection_hint()}")
+            if (~labelled).any():
+                log.info("%d selected volumes have no label volume; left out", int((~labelled).sum()))
+            return seg_classes(rows[labelled]), labelled.map({True: 1.0, False: np.nan})
+        if not self.cfg.labels:
+            raise TrainingError("--task cls needs --labels CSV (case_id,label)")
+        labels = read_labels(self.cfg.labels)
+        classes = sorted(set(labels.values()))
+        if len(classes) < 2:
+            raise TrainingError(f"{self.cfg.labels}: needs at least two classes, found {classes}")
+        index = {c: i for i, c in enumerate(classes)}
+        targets = rows["case_id"].astype(str).map(lambda c: index.get(labels.get(c), np.nan))
+        missing = int(targets.isna().sum())
+        if missing:
+            log.info("%d selected volumes have no label in %s; left out", missing, self.cfg.labels)
+        return classes, targets
+
+    def _set(self, rows) -> VolumeSet:
+        if self.cfg.task == "seg":
+            return VolumeSet(Path(self.cfg.workdir), rows, self.img_size)
+        labels = read_labels(self.cfg.labels)
+        index = {c: i for i, c in enumerate(self.classes)}
+        return VolumeSet(Path(self.cfg.workdir), rows, self.img_size,
+                         [index[labels[str(c)]] for c in rows["case_id"]])
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.net.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        self.step = int(ckpt["step"])
+        set_hparams(self.optimizer, self._lr(), self.cfg.wd)
+        log.info("resumed %s at step %d/%d", self.last_ckpt, self.step, self.total)
+
+    def _lr(self) -> float:
+        return self.cfg.lr * warmup_cosine(self.step, self.cfg.warmup, self.total)
+
+    def _save(self) -> Path:
+        ckpt = {"format": CKPT_FORMAT, "step": self.step, "total_steps": self.total,
+                "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "rng": rng_state(), "config": config_dict(self.cfg), "spec": json.loads(json.dumps(self.spec))}
+        path = save(ckpt, self.dir / f"step_{self.step}.pt")
+        point_latest(path)
+        return path
+
+    def _train_step(self) -> float:
+        cfg = self.cfg
+        x, y = self.train.batch(batch_indices(len(self.train), cfg.batch_size, cfg.seed, self.step))
+        x, y = x.to(self.device), y.to(self.device)
+        self.net.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.precision.autocast():
+            out = self.net(x)
+        loss = self.loss_fn(out.float(), y)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss ({loss.item()}) at step {self.step + 1}: lower --lr or use "
+                                f"--precision fp32" + (f"; the last checkpoint is {self.last_ckpt}" if self.last_ckpt else ""),
+                                step=self.step + 1)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach())
+
+    def evaluate(self) -> dict[str, Any]:
+        """Test-split metrics of the current network."""
+        if self.cfg.task == "seg":
+            return evaluate_seg(self.net, self.test, self.classes, self.device, self.precision)
+        return evaluate_cls(self.net, self.test, self.classes, self.device, self.precision)
+
+    def run(self) -> FinetuneResult:
+        """Train to the end (or ``stop_after``); then score the test split and write the finals."""
+        cfg = self.cfg
+        start = self.step
+        end = min(self.total, cfg.stop_after) if cfg.stop_after is not None else self.total
+        losses: list[float] = []
+        progress = Progress(TextColumn(f"finetune {self.name}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), disable=not cfg.progress)
+        metrics: dict[str, Any] = {}
+        with progress, MetricsLog(self.dir, resume_step=start if self.resumed else None,
+                                  tensorboard=cfg.tensorboard) as mlog:
+            task = progress.add_task("finetune", total=self.total, completed=start, loss="-")
+            while self.step < end:
+                lr = self._lr()
+                set_hparams(self.optimizer, lr)
+                loss = self._train_step()
+                self.step += 1
+                losses.append(loss)
+                progress.update(task, completed=self.step, loss=f"{loss:.4f}")
+                if self.step % cfg.log_every == 0 or self.step == end:
+                    mlog.write({"step": self.step, "epoch": (self.step - 1) // self.per_epoch, "loss": loss, "lr": lr})
+                if self.step % cfg.ckpt_every == 0 or self.step == end:
+                    self.last_ckpt = self._save()
+            if self.step >= self.total:
+                metrics = self._finish(mlog)
+        return FinetuneResult(name=self.name, directory=self.dir, start_step=start, step=self.step,
+                              total_steps=self.total, n_train=len(self.train), n_test=len(self.test),
+                              metrics=metrics, losses=losses, seconds=time.time() - self.t0)
+
+    def _finish(self, mlog: MetricsLog) -> dict[str, Any]:
+        test = self.evaluate()
+        mlog.write({"step": self.step, **{f"test/{k}": v for k, v in _flat(test).items()}})
+        self.dir.mkdir(parents=True, exist_ok=True)
+        save({k: v.detach().cpu() for k, v in self.net.state_dict().items()}, self.dir / "final.pt")
+        init = "scratch" if self.init is None else str(self.init.path)
+        desc = final_description(self.spec, self.cfg.task, self.classes, self.img_size, init)
+        atomic_write_text(self.dir / "final.json", json.dumps(desc, indent=2) + "\n")
+        metrics = {"test": test, "step": self.step, "task": self.cfg.task, "encoder": self.cfg.encoder,
+                   "init": init, "train_fraction": self.cfg.train_fraction, "n_train": len(self.train),
+                   "n_test": len(self.test), "seed": self.cfg.seed}
+        atomic_write_text(self.dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        return metrics
+
+
+def _flat(metrics: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update({f"{k}/{kk}": vv for kk, vv in v.items() if vv is not None})
+        elif isinstance(v, (int, float)) and v is not None:
+            out[k] = v
+    return out

@@ -1,0 +1,69 @@
+"""The config of `train pretrain` and how a resume treats each of its fields."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.loop.checkpoint import ResumePolicy
+from training.models.align_model import AlignSpec
+
+# How a resume treats each config field. The encoder is compared through its resolved config
+# (equivalent spellings are fine) and a different one is refused; the projection head's shape
+# comes from the checkpoint; the embedding store too unless --embeddings names one; operational
+# fields change freely; any other change (lr, batch size, ...) applies with a warning.
+RESUME_POLICY = ResumePolicy(
+    refuse=("encoder", "encoder_config"),
+    adopt=("use_psat", "use_pspe", "num_queries", "psat_width", "psat_layers", "psat_heads"),
+    inherit=("embeddings",),
+    allow=("encoder_kwargs", "img_size", "workdir", "resume", "stop_after", "workers", "log_every", "ckpt_every",
+           "eval_every", "device", "progress", "tensorboard"),
+)
+
+
+@dataclass
+class PretrainConfig:
+    """Everything `train pretrain` needs; defaults follow the paper (§3.1) where it says."""
+
+    workdir: Path
+    manifest: str = "v1"  # release manifest: a path, or a name under <workdir>/manifests
+    encoder: str = "vit"
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    img_size: int | None = None  # encoder input side; None = the manifest grid
+    epochs: int = 300
+    steps: int | None = None  # total optimizer steps; overrides epochs
+    stop_after: int | None = None  # end this invocation at this step (schedule unchanged)
+    batch_size: int = 32  # per rank
+    lr: float = 1e-4
+    wd: float = 0.05
+    warmup: int = 500
+    grad_clip: float = 1.0  # 0 disables clipping
+    accum_freq: int = 1
+    precision: str = "amp"  # fp32 | amp (fp16 + grad scaler, CUDA) | bf16
+    resume: str | Path | None = None  # "latest" or a checkpoint path
+    seed: int = 0
+    workers: int = 2
+    use_psat: bool = True  # False = ablation Ex1 (--no-psat): mean-pool + linear
+    use_pspe: bool = True
+    num_queries: int = 300
+    psat_width: int = 512
+    psat_layers: int = 2
+    psat_heads: int = 8
+    image_weight: float = 1.0
+    text_weight: float = 1.0
+    init_temperature: float = 0.07
+    log_every: int = 10
+    ckpt_every: int = 500
+    eval_every: int = 0  # 0 = retrieval only when training finishes
+    splits: str = "train"  # the release splits pretraining learns from, comma-separated (e.g. "train,val")
+    val_split: str = "val"  # the retrieval holdout; falls back to "test" when it has no rows or is trained on
+    device: str = "auto"
+    embeddings: str | None = None  # embedding-store fingerprint; None = latest (or the checkpoint's)
+    progress: bool = True
+    tensorboard: bool = True
+
+    def align_spec(self) -> AlignSpec:
+        """The model-side fields, for `training.models.align_model.build_model`."""
+        return AlignSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AlignSpec)})
