@@ -178,7 +178,7 @@ def test_resume_latest_matches_uninterrupted_run(trained, tmp_path):
     here with a DataLoader worker against the reference's none."""
     _, reference = trained
     make_workdir(tmp_path, CASES)
-    first = train_clip(tiny_cfg(tmp_path, max_steps=8, workers=1))
+    first = train_clip(tiny_cfg(tmp_path, stop_after=8, workers=1))
     assert (first.step, first.completed, first.final_checkpoint) == (8, False, None)
     assert torch.load(tmp_path / "checkpoints/clip/latest.pt", weights_only=True)["step"] == 8
     second = train_clip(tiny_cfg(tmp_path, resume="latest", workers=1))
@@ -193,7 +193,7 @@ def test_resume_restores_every_rng_and_this_runs_config(tmp_path, caplog):
     """latest.pt carries python, numpy and torch RNG state, and --resume restores all three; a
     changed --wd applies to the resumed optimizer (with a warning), an allowed field silently."""
     make_workdir(tmp_path, CASES, per_plane=2)
-    first = train_clip(tiny_cfg(tmp_path, epochs=2, batch_size=8, max_steps=1))
+    first = train_clip(tiny_cfg(tmp_path, epochs=2, batch_size=8, stop_after=1))
     latest = first.latest_checkpoint
     ckpt = torch.load(latest, weights_only=True)
     assert set(ckpt["rng"]) == {"python", "numpy", "torch", "cuda"}
@@ -206,7 +206,7 @@ def test_resume_restores_every_rng_and_this_runs_config(tmp_path, caplog):
     np.random.seed(0)
     torch.manual_seed(0)
     caplog.set_level(logging.WARNING, logger="training")
-    again = train_clip(tiny_cfg(tmp_path, epochs=2, batch_size=8, max_steps=1, resume="latest", wd=0.05, workers=1))
+    again = train_clip(tiny_cfg(tmp_path, epochs=2, batch_size=8, stop_after=1, resume="latest", wd=0.05, workers=1))
     assert again.step == 1
     assert [m for m in caplog.messages if m.startswith("resume:")] == ["resume: wd changed from 0.1 to 0.05"]
     saved = torch.load(latest, weights_only=True)

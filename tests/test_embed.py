@@ -29,7 +29,7 @@ def _refuse_one(workdir: Path) -> None:
 def test_embed_computes_only_what_is_missing_or_stale(tmp_path):
     make_workdir(tmp_path, CASES, per_plane=2, caption=lambda plane, case, i: f"{plane} slice {i} of {case}")
     _refuse_one(tmp_path)  # 36 slices, 35 usable captions
-    first = train_clip(tiny_cfg(tmp_path, batch_size=8, max_steps=1))
+    first = train_clip(tiny_cfg(tmp_path, batch_size=8, stop_after=1))
     ckpt = tmp_path / "checkpoints/clip/latest.pt"
 
     s1 = embed_manifest(tmp_path, MANIFEST, ckpt, batch_size=16)
@@ -68,7 +68,7 @@ def test_embed_computes_only_what_is_missing_or_stale(tmp_path):
     assert (s3.images_computed, s3.texts_computed) == (0, 1)
 
     # One more optimizer step -> other weights -> new fingerprint, everything recomputed.
-    second = train_clip(tiny_cfg(tmp_path, batch_size=8, max_steps=2, resume="latest"))
+    second = train_clip(tiny_cfg(tmp_path, batch_size=8, stop_after=2, resume="latest"))
     assert second.step == 2
     s4 = embed_manifest(tmp_path, MANIFEST, ckpt)
     assert s4.fingerprint == second.fingerprint != s1.fingerprint

@@ -175,7 +175,7 @@ def test_accum_freq_enlarges_the_contrastive_batch():
     grads, losses = [], []
     for bs, accum in ((4, 1), (2, 2)):
         cfg = _cfg(Path("."), encoder="vit", encoder_kwargs=TINY_VIT, img_size=G // 2, batch_size=bs,
-                   accum_freq=accum, grad_clip=0.0, lr=0.0, wd=0.0)
+                   accum_freq=accum, grad_clip_norm=0.0, lr=0.0, wd=0.0)
         seed_all(0)
         state = TrainState.create(cfg, G, DIM, torch.device("cpu"), Precision("fp32", "cpu"))
         chunks = iter([{k: v[i:i + bs] for k, v in batch.items()} for i in range(0, 4, bs)])

@@ -36,7 +36,7 @@ def ckpt(tmp_path_factory) -> Path:
     """A tiny CLIP checkpoint after one optimizer step."""
     w = tmp_path_factory.mktemp("clip")
     make_workdir(w, CASES, per_plane=2)
-    train_clip(tiny_cfg(w, batch_size=8, max_steps=1))
+    train_clip(tiny_cfg(w, batch_size=8, stop_after=1))
     return w / "checkpoints/clip/latest.pt"
 
 

@@ -129,6 +129,17 @@ class Workdir:
     def pretrain_checkpoints(self) -> Path:
         return self.checkpoints / "pretrain"
 
+    def run_dir(self, stage: str, name: str | None = None) -> Path:
+        """``checkpoints/<stage>/<name>/`` of a named run (`--name`); without a name the stage's
+        own folder (``checkpoints/clip/``, ``checkpoints/pretrain/``), as before names existed.
+        A name is one plain folder name (no separators, not ``.``/``..``)."""
+        base = self.checkpoints / stage
+        if not name:
+            return base
+        if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise ValueError(f"--name {name!r}: give a plain folder name")
+        return base / name
+
     @property
     def finetune_checkpoints(self) -> Path:
         """``checkpoints/finetune/``: one folder per `train finetune --name`."""

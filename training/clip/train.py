@@ -28,9 +28,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from curation.store.layout import Workdir
+from training.clip.config import RESUME_POLICY, ClipTrainConfig
 from training.clip.data import ClipPairs, EpochSampler, read_pairs
 from training.clip.retrieval import evaluate
-from training.loop.checkpoint import LATEST, ResumePolicy, config_dict, resolve_resume, save, warn_if_overwriting
+from training.loop.checkpoint import LATEST, config_dict, resolve_resume, save, warn_if_overwriting
 from training.loop.distributed import resolve_device, unwrap
 from training.loop.errors import TrainingError, input_errors
 from training.loop.optim import adamw, set_hparams, warmup_cosine
@@ -47,40 +48,6 @@ from training.models.clip_models import (
 from training.models.losses import ContrastiveLoss, duplicate_positives
 
 log = logging.getLogger(__name__)
-
-# How a resume treats config fields that differ from the checkpoint's: the checkpoint names the
-# model it continues (a different --model is overridden, with a warning); operational fields
-# change freely; any other change (lr, epochs, ...) applies with a warning.
-RESUME_POLICY = ResumePolicy(
-    adopt=("model",),
-    allow=("workdir", "pretrained", "workers", "precision", "resume", "device", "max_steps", "grad_clip_norm"),
-)
-
-
-@dataclass
-class ClipTrainConfig:
-    """Options of `train clip` (flag names follow open_clip's trainer)."""
-
-    workdir: Path = Path(".")
-    manifest: Path = Path("manifests/v1.parquet")
-    model: str = "ViT-B-16"  # open_clip name, config JSON, or hf-hub: id
-    pretrained: str | None = None  # open_clip tag, hf-hub: id, or checkpoint path; None = random init
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-5
-    wd: float = 0.1
-    warmup: int = 100  # optimizer steps
-    workers: int = 4
-    precision: str | None = None  # amp | bf16 | fp32; None: amp on CUDA, fp32 on CPU
-    resume: str | None = None  # "latest" or a checkpoint path
-    seed: int = 0
-    lock_image: bool = False
-    lock_text: bool = False
-    accum_freq: int = 1
-    device: str | None = None  # None: cuda when available
-    max_steps: int | None = None  # stop early (the schedule still spans all epochs)
-    grad_clip_norm: float | None = None
-
 
 @dataclass
 class ClipTrainResult:
@@ -111,7 +78,7 @@ class ClipTrainer:
     def __init__(self, cfg: ClipTrainConfig):
         self.t0 = time.time()
         self.workdir = Path(cfg.workdir)
-        self.dir = Workdir(cfg.workdir).clip_checkpoints
+        self.dir = Workdir(cfg.workdir).run_dir("clip", cfg.name)
         self.device = resolve_device(cfg.device)
         self.precision: Precision = resolve_precision(cfg.precision, self.device)
         if cfg.accum_freq < 1:
@@ -148,7 +115,10 @@ class ClipTrainer:
             raise TrainingError(
                 f"{len(self.train_ds)} training pairs make no optimizer step with --batch-size {cfg.batch_size} "
                 f"and --accum-freq {cfg.accum_freq}")
-        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.steps_per_epoch
+        if self.total_steps < 1:
+            raise TrainingError("--steps must be >= 1")
+        self.epochs = -(-self.total_steps // self.steps_per_epoch)
         self.optimizer = adamw(self.model, cfg.lr, cfg.wd)
         self.scaler = self.precision.grad_scaler()
         self.loss_fn = ContrastiveLoss()
@@ -220,14 +190,16 @@ class ClipTrainer:
             self.step += 1
             if math.isfinite(loss):
                 losses.append(loss)
+            if cfg.log_every and self.step % cfg.log_every == 0:
+                log.info("step %d/%d loss %.4f lr %.2e", self.step, self.total_steps, loss, lr)
             else:
                 log.warning("non-finite loss at step %d; update skipped", self.step)
         return losses, lr
 
     def run(self) -> ClipTrainResult:
-        """Train to the end of the schedule (or ``max_steps``) and return what happened."""
+        """Train to the end of the schedule (or ``stop_after``) and return what happened."""
         cfg, spe = self.cfg, self.steps_per_epoch
-        stop_at = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
+        stop_at = self.total_steps if cfg.stop_after is None else min(self.total_steps, cfg.stop_after)
         history: list[dict[str, Any]] = []
         with MetricsLog(self.dir, resume_step=self.step if self.resumed else None) as metrics:
             def record(row: dict[str, Any]) -> None:
@@ -243,15 +215,15 @@ class ClipTrainer:
             while self.step < stop_at:
                 epoch, t_epoch = self.step // spe, time.time()
                 losses, lr = self._epoch(epoch, stop_at)
-                if self.step % spe:
-                    continue  # stopped mid-epoch (max_steps)
+                if self.step % spe and self.step < self.total_steps:
+                    continue  # stopped mid-epoch (stop_after)
                 self.val_metrics = self.evaluate()
-                n_epoch = self.step // spe
+                n_epoch = -(-self.step // spe)  # a last, partial epoch (--steps) counts
                 loss = sum(losses) / len(losses) if losses else float("nan")
                 record({"step": self.step, "epoch": n_epoch, "loss": loss, "lr": lr,
                         "logit_scale": float(unwrap(self.model).logit_scale.detach().exp()),
                         "seconds": round(time.time() - t_epoch, 2), **val_metrics(self.val_metrics)})
-                log.info("epoch %d/%d step %d/%d loss %.4f lr %.2e val %s", n_epoch, cfg.epochs, self.step,
+                log.info("epoch %d/%d step %d/%d loss %.4f lr %.2e val %s", n_epoch, self.epochs, self.step,
                          self.total_steps, loss, lr, recall_line(self.val_metrics))
                 self.save(self.dir / f"epoch_{n_epoch}.pt", full=False, epoch=n_epoch)
                 if self.step < stop_at:
@@ -261,7 +233,7 @@ class ClipTrainer:
         final = None
         if self.step >= self.total_steps:
             final = self.dir / "final.pt"
-            self.save(final, full=False, epoch=cfg.epochs)
+            self.save(final, full=False, epoch=self.epochs)
             sidecar = write_config_sidecar(self.clip.name, self.clip.model_cfg, self.dir)
             log.info("final checkpoint %s%s", final,
                      f" (register {sidecar} with open_clip.add_model_config to load it)" if sidecar else "")

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,61 +25,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from curation.store.fsutil import atomic_write_text
 from curation.store.layout import Workdir
+from training.finetune.config import RESUME_POLICY, FinetuneConfig
 from training.finetune.data import VolumeSet, batch_indices, read_labels, seg_classes, select_volumes, train_subset
 from training.finetune.evaluate import evaluate_cls, evaluate_seg, seg_loss
 from training.finetune.nets import build_net, encoder_config_for, final_description, load_encoder, net_spec, read_init
-from training.loop.checkpoint import ResumePolicy, config_dict, point_latest, resolve_resume, save, warn_if_overwriting
+from training.loop.checkpoint import config_dict, point_latest, resolve_resume, save, warn_if_overwriting
 from training.loop.distributed import resolve_device
 from training.loop.errors import TrainingError
 from training.loop.optim import adamw, set_hparams, warmup_cosine
 from training.loop.precision import resolve_precision
+from training.loop.prefetch import step_batches
 from training.loop.rng import rng_state, seed_all, set_rng_state
 from training.loop.runlog import MetricsLog
 
 log = logging.getLogger(__name__)
 
 CKPT_FORMAT = "med3dinsight-finetune-state/1"
-
-# What a resume does with a changed field: the data and the network must stay; lr etc. warn.
-RESUME_POLICY = ResumePolicy(
-    refuse=("task", "encoder", "init", "where", "labels", "train_fraction", "encoder_kwargs", "img_size",
-            "feature_size", "seed"),
-    allow=("workdir", "resume", "name", "log_every", "ckpt_every", "device", "progress", "tensorboard", "stop_after"),
-)
-
-
-@dataclass
-class FinetuneConfig:
-    """Options of `train finetune` (one place for the defaults)."""
-
-    workdir: Path
-    task: str = "seg"  # seg | cls
-    encoder: str = "vit"  # vit | swin | cnn
-    init: str = "scratch"  # scratch, an export (.json / .pt) or a pretrain checkpoint
-    where: str | None = None  # DuckDB SQL condition over volumes.parquet
-    labels: str | None = None  # cls: CSV case_id,label
-    train_fraction: float = 1.0
-    steps: int | None = None  # overrides epochs
-    epochs: int = 100
-    stop_after: int | None = None  # end this invocation at this step (schedule unchanged)
-    batch_size: int = 2
-    lr: float = 1e-4
-    wd: float = 1e-5
-    warmup: int = 0
-    grad_clip: float = 1.0
-    precision: str = "amp"
-    resume: str | None = None
-    seed: int = 0
-    name: str | None = None  # default: <task>-<encoder>-<scratch | init file stem>
-    encoder_kwargs: dict[str, Any] = field(default_factory=dict)  # scratch only
-    img_size: int | None = None  # network input side; default: the init's, else the volumes' grid
-    feature_size: int = 16  # UNETR decoder width
-    log_every: int = 10
-    ckpt_every: int = 500
-    device: str = "auto"
-    progress: bool = True
-    tensorboard: bool = False
-
 
 @dataclass
 class FinetuneResult:
@@ -232,10 +193,13 @@ class Finetuner:
         point_latest(path)
         return path
 
-    def _train_step(self) -> float:
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training batch of optimizer step ``step`` (a function of seed and step alone)."""
+        return self.train.batch(batch_indices(len(self.train), self.cfg.batch_size, self.cfg.seed, step))
+
+    def _train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
         cfg = self.cfg
-        x, y = self.train.batch(batch_indices(len(self.train), cfg.batch_size, cfg.seed, self.step))
-        x, y = x.to(self.device), y.to(self.device)
+        x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
         self.net.train()
         self.optimizer.zero_grad(set_to_none=True)
         with self.precision.autocast():
@@ -247,7 +211,7 @@ class Finetuner:
                                 step=self.step + 1)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip_norm if cfg.grad_clip_norm > 0 else math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return float(loss.detach())
@@ -270,10 +234,11 @@ class Finetuner:
         with progress, MetricsLog(self.dir, resume_step=start if self.resumed else None,
                                   tensorboard=cfg.tensorboard) as mlog:
             task = progress.add_task("finetune", total=self.total, completed=start, loss="-")
-            while self.step < end:
+            batches = step_batches(self._batch, start, end, cfg.workers, pin_memory=self.device.type == "cuda")
+            for batch in batches:
                 lr = self._lr()
                 set_hparams(self.optimizer, lr)
-                loss = self._train_step()
+                loss = self._train_step(batch)
                 self.step += 1
                 losses.append(loss)
                 progress.update(task, completed=self.step, loss=f"{loss:.4f}")

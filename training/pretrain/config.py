@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from training.loop.checkpoint import ResumePolicy
-from training.models.align_model import AlignSpec
+from training.loop.resume import ResumePolicy
+
+if TYPE_CHECKING:
+    from training.models.align_model import AlignSpec
 
 # How a resume treats each config field. The encoder is compared through its resolved config
 # (equivalent spellings are fine) and a different one is refused; the projection head's shape
@@ -18,7 +20,7 @@ RESUME_POLICY = ResumePolicy(
     refuse=("encoder", "encoder_config"),
     adopt=("use_psat", "use_pspe", "num_queries", "psat_width", "psat_layers", "psat_heads"),
     inherit=("embeddings",),
-    allow=("encoder_kwargs", "img_size", "workdir", "resume", "stop_after", "workers", "log_every", "ckpt_every",
+    allow=("encoder_kwargs", "img_size", "workdir", "name", "resume", "stop_after", "workers", "log_every", "ckpt_every",
            "eval_every", "device", "progress", "tensorboard"),
 )
 
@@ -39,12 +41,13 @@ class PretrainConfig:
     lr: float = 1e-4
     wd: float = 0.05
     warmup: int = 500
-    grad_clip: float = 1.0  # 0 disables clipping
+    grad_clip_norm: float = 1.0  # 0 disables clipping
     accum_freq: int = 1
     precision: str = "amp"  # fp32 | amp (fp16 + grad scaler, CUDA) | bf16
     resume: str | Path | None = None  # "latest" or a checkpoint path
     seed: int = 0
     workers: int = 2
+    name: str | None = None  # run folder checkpoints/pretrain/<name>/; None: checkpoints/pretrain/
     use_psat: bool = True  # False = ablation Ex1 (--no-psat): mean-pool + linear
     use_pspe: bool = True
     num_queries: int = 300
@@ -66,4 +69,6 @@ class PretrainConfig:
 
     def align_spec(self) -> AlignSpec:
         """The model-side fields, for `training.models.align_model.build_model`."""
+        from training.models.align_model import AlignSpec  # torch: not for the command line's defaults
+
         return AlignSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AlignSpec)})

@@ -106,7 +106,7 @@ def train_step(state: TrainState, cfg: PretrainConfig, batches: Iterator[dict[st
     sums["logit_scale"] = out["logit_scale"].item()
     scaler.unscale_(opt)
     params = [p for g in opt.param_groups for p in g["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm if cfg.grad_clip_norm > 0 else float("inf"))
     if not torch.isfinite(norm) and not scaler.is_enabled():
         raise TrainingError(f"non-finite gradient norm at step {step}; lower --lr or use --precision fp32", step=step)
     scaler.step(opt)  # skipped by the scaler on inf/nan gradients under fp16
@@ -127,6 +127,6 @@ def nonfinite_error(step: int, batch: dict[str, torch.Tensor], data: VolumeSlice
             ids = [data.rows["slice_id"].iloc[int(r)] for r in batch["row"][~finite]]
             bad.append(f"{what} of {ids}")
     cause = ("non-finite inputs: " + "; ".join(bad)) if bad else (
-        "inputs are finite, so training diverged: lower --lr, raise --warmup or --grad-clip, or use --precision bf16/fp32")
+        "inputs are finite, so training diverged: lower --lr, raise --warmup or lower --grad-clip-norm, or use --precision bf16/fp32")
     resume = f"; the last checkpoint is {last_ckpt}" if last_ckpt else ""
     return TrainingError(f"non-finite loss ({value}) at step {step}: {cause}{resume}", step=step)

@@ -101,7 +101,7 @@ class Pretrainer:
 
     def __init__(self, cfg: PretrainConfig, info: DistInfo):
         self.info, self.device, self.main = info, info.device, info.main
-        self.dir = Workdir(cfg.workdir).pretrain_checkpoints
+        self.dir = Workdir(cfg.workdir).run_dir("pretrain", cfg.name)
         self.last_ckpt, ckpt = resolve_resume(cfg.resume, self.dir, CKPT_FORMAT, main=self.main)
         if self.main:
             warn_if_overwriting(self.dir, resuming=ckpt is not None)

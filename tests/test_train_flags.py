@@ -1,0 +1,65 @@
+"""The three trainers share one spelling of their common flags, with defaults from their config
+dataclasses; named runs get their own folder; old outputs still load after the package moves."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from curation.store.layout import Workdir
+from med3dinsight.train import app
+from training.clip.config import ClipTrainConfig
+from training.finetune.config import FinetuneConfig
+from training.pretrain.config import PretrainConfig
+
+SHARED = ["--steps", "--epochs", "--stop-after", "--batch-size", "--lr", "--wd", "--warmup", "--grad-clip-norm",
+          "--precision", "--workers", "--name", "--resume", "--seed", "--log-every", "--device"]
+CONFIGS = {"clip": ClipTrainConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}
+
+
+def _help(command: str) -> str:
+    res = CliRunner().invoke(app, [command, "--help"], terminal_width=200, env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+@pytest.mark.parametrize("command", sorted(CONFIGS))
+def test_every_trainer_shows_the_shared_flags_with_its_config_defaults(command):
+    text = _help(command)
+    for flag in SHARED:
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), f"train {command} lacks {flag}"
+    cfg = CONFIGS[command]
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    # one precision and one workers default across the trainers
+    assert defaults["precision"] == "amp" and defaults["workers"] == 2
+    for field, flag in (("lr", "--lr"), ("batch_size", "--batch-size"), ("warmup", "--warmup")):
+        line = next(x for x in text.splitlines() if re.search(rf"{flag}\b", x))
+        block = text[text.index(line):text.index(line) + 600]
+        assert f"[default: {defaults[field]}]" in block, (command, flag, block)
+
+
+def test_on_off_flags_have_both_spellings():
+    assert "--psat" in _help("pretrain") and "--no-psat" in _help("pretrain") and "--no-pspe" in _help("pretrain")
+    assert "--no-lock-image" in _help("clip")
+
+
+def test_run_dir_keeps_todays_paths_and_refuses_odd_names(tmp_path):
+    wd = Workdir(tmp_path)
+    assert wd.run_dir("pretrain") == tmp_path / "checkpoints" / "pretrain"
+    assert wd.run_dir("clip", "big") == tmp_path / "checkpoints" / "clip" / "big"
+    for bad in ("..", "a/b", "."):
+        with pytest.raises(ValueError):
+            wd.run_dir("clip", bad)
+
+
+def test_a_final_json_naming_the_old_module_path_still_builds():
+    from training.finetune.nets import build_net
+
+    args = {"encoder": "cnn", "encoder_config": {"block_inplanes": [4, 8, 8, 8], "img_size": 32}, "num_classes": 2}
+    for path in ("training.finetune_nets.EncoderClassifier", "training.finetune.nets.EncoderClassifier"):
+        net = build_net({"class": path, "args": args}).eval()
+        assert net(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 2)
