@@ -7,6 +7,11 @@ written atomically) records each step *before* the next one starts: prepared -> 
 ingested. A rerun after a crash resumes from the saved step: it polls a submitted batch instead
 of submitting again, and adopts a batch created from an uploaded file whose id was not yet
 saved (found by input file id), so no request is paid twice.
+
+Output files are not trusted line by line (``captions.batch_output``): a line that is not a
+usable record is skipped with one warning, and every other line is ingested (those answers
+were paid). A batch the server no longer knows (404 on retrieve) is
+marked ``lost`` with one line; its requests are planned again by the next run.
 """
 
 from __future__ import annotations
@@ -17,16 +22,17 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import openai
 
+from captions.batch_output import BatchReport, count_rows, read_lines
 from captions.cache import CaptionCache
-from captions.client import EndpointMissing, MalformedResponse, call_with_retry, make_openai, parse_completion, redact
+from captions.client import EndpointMissing, call_with_retry, make_openai, redact
 from captions.cost import Prices
-from captions.jobs import CacheItem, cache_row
+from captions.errors import FatalAPIError
+from captions.jobs import CacheItem
 from captions.options import RetryPolicy
 from curation.store.fsutil import atomic_write_text
 
@@ -36,23 +42,9 @@ MAX_REQUESTS_PER_FILE = 50_000
 MAX_BYTES_PER_FILE = 200 * 1024 * 1024
 ENDPOINT = "/v1/chat/completions"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
+DONE = ("ingested", "lost")  # local states that hold no pending request
+NOT_FOUND_TRIES = 3  # 404s in a row (with backoff) before a batch counts as lost
 STATE_NAME = "batch_state.json"
-
-
-@dataclass
-class BatchReport:
-    """What a submit/resume pass did."""
-
-    submitted_batches: int = 0
-    submitted_requests: int = 0
-    succeeded: int = 0
-    refused: int = 0
-    failed: int = 0
-    pending_requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    usd: float = 0.0
-    errors: list[str] = field(default_factory=list)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -73,7 +65,7 @@ class BatchStore:
         _atomic_write(self.path, json.dumps({"version": 1, "batches": self.entries}, indent=1))
 
     def active(self) -> list[dict[str, Any]]:
-        return [e for e in self.entries if e["status"] != "ingested"]
+        return [e for e in self.entries if e["status"] not in DONE]
 
     def items(self, entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
         return json.loads((self.dir / entry["items_file"]).read_text())
@@ -89,10 +81,10 @@ class BatchStore:
 def status(directory: str | Path, *, api_key: str | None = None, base_url: str | None = None,
            timeout: float = 60.0) -> list[dict[str, Any]]:
     """Pending (not yet ingested) batches from the local state; with ``api_key``, each one's
-    remote status is refreshed first (nothing is ingested or submitted)."""
+    remote status is refreshed first (nothing is ingested, submitted or written)."""
     store = BatchStore(directory)
     if api_key and store.active():
-        asyncio.run(_refresh(store, api_key, base_url, timeout))
+        asyncio.run(_refresh(store, api_key, base_url, timeout))  # status only: never marks lost
     return [
         {k: e.get(k) for k in ("local_id", "status", "batch_id", "remote_status", "n_requests",
                                "request_counts", "created_at")}
@@ -105,11 +97,18 @@ async def _refresh(store: BatchStore, api_key: str, base_url: str | None, timeou
     try:
         for entry in store.active():
             if entry.get("batch_id"):
-                batch = await call_with_retry(lambda: client.batches.retrieve(entry["batch_id"]),
-                                              RetryPolicy(), api_key)
+                try:
+                    batch = await _retrieve(client, entry, RetryPolicy(), api_key, timeout)
+                except _Unknown:
+                    entry["remote_status"] = "not found (404)"
+                    continue
+                except FatalAPIError as exc:
+                    entry["remote_status"] = f"unknown: {exc}"
+                    continue
                 entry["remote_status"] = batch.status
                 entry["request_counts"] = batch.request_counts.model_dump() if batch.request_counts else None
-        store.save()
+        # Not saved: a paying run may hold this state now (status takes no lock), and a stale
+        # copy written over its newer one could have an ingested batch ingested again.
     finally:
         await client.close()
 
@@ -207,8 +206,55 @@ async def _create(client: openai.AsyncOpenAI, store: BatchStore, entry: dict[str
                                               completion_window="24h",
                                               metadata={"local_id": entry["local_id"]}),
                 policy, secret, missing=no_api)
-        entry.update(status="submitted", batch_id=batch.id, remote_status=batch.status)
+        entry.update(status="submitted", batch_id=batch.id, remote_status=batch.status,
+                     base_url=str(client.base_url))
         store.save()  # first thing after creation: a rerun now polls instead of resubmitting
+
+
+class _Unknown(Exception):
+    """The server answers 404/405 for a batch we submitted."""
+
+
+async def _retrieve(client: openai.AsyncOpenAI, entry: dict[str, Any], policy: RetryPolicy,
+                    secret: str | None, deadline: float | None) -> Any:
+    """The batch of ``entry``; ``_Unknown`` when the server does not know it.
+
+    Raises:
+        FatalAPIError: the batch was submitted to another server (``--base-url`` changed): it
+            may still be alive there, so it is neither marked lost nor submitted again.
+    """
+    for attempt in range(NOT_FOUND_TRIES):  # a fresh batch may read as 404 for a moment
+        try:
+            return await call_with_retry(lambda: client.batches.retrieve(entry["batch_id"]), policy, secret,
+                                         missing="unknown batch", deadline=deadline)
+        except EndpointMissing:
+            if attempt + 1 < NOT_FOUND_TRIES:
+                await asyncio.sleep(policy.initial_s * 2**attempt)
+    try:  # the listing is a second witness, where the server has one
+        listing = await call_with_retry(lambda: client.batches.list(limit=100), policy, secret, missing="no list",
+                                        deadline=deadline)
+        for candidate in listing.data:
+            if candidate.id == entry["batch_id"]:
+                return candidate
+    except EndpointMissing:
+        pass
+    where = entry.get("base_url")
+    if where and where.rstrip("/") != str(client.base_url).rstrip("/"):
+        raise FatalAPIError(f"batch {entry['local_id']} ({entry['batch_id']}) was submitted to {where}, "
+                            f"which is not this --base-url; rerun with --base-url {where} to collect it")
+    raise _Unknown()
+
+
+def _mark_lost(store: BatchStore, entry: dict[str, Any], report: BatchReport, secret: str | None) -> None:
+    """A batch the server no longer knows: its requests are planned again by the next run."""
+    line = (f"batch {entry['local_id']} ({entry['batch_id']}) is unknown to the server (404): marked lost; "
+            f"its {entry.get('n_requests', 0)} requests are planned again on the next run")
+    log.warning(line)
+    report.errors.append(redact(line, secret))
+    report.lost += entry.get("n_requests", 0)
+    report.lost_keys.update(store.items(entry))
+    entry.update(status="lost", remote_status="not found")
+    store.save()
 
 
 def batch_errors_line(batch: Any) -> str | None:
@@ -228,45 +274,35 @@ def batch_errors_line(batch: Any) -> str | None:
 async def _ingest(client: openai.AsyncOpenAI, store: BatchStore, entry: dict[str, Any],
                   cache: CaptionCache, report: BatchReport, policy: RetryPolicy,
                   secret: str | None, prices: Prices | None = None) -> None:
-    """Download output and error files, join by custom_id, commit rows, mark ingested."""
+    """Download output and error files, join by custom_id, commit rows, mark ingested.
+
+    A line that cannot be used is skipped with one warning; the others are all ingested.
+    """
     meta = store.items(entry)
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
+    skipped = 0
     for file_key in ("output_file_id", "error_file_id"):
         file_id = entry.get(file_key)
         if not file_id:
             continue
-        content = await call_with_retry(lambda: client.files.content(file_id), policy, secret)
-        for raw in content.text.splitlines():
-            if not raw.strip():
-                continue
-            record = json.loads(raw)
-            key = record.get("custom_id")
-            if key not in meta or key in seen:
-                log.warning("batch %s: ignoring unknown or repeated custom_id", entry["local_id"])
-                continue
-            seen.add(key)
-            response = record.get("response") or {}
-            if response.get("status_code") == 200 and not record.get("error"):
-                try:
-                    answer = parse_completion(response.get("body") or {})
-                    rows.append(cache_row(CacheItem(key, **meta[key]), answer, "batch", response.get("request_id"),
-                                          prices=prices))
-                    continue
-                except MalformedResponse:
-                    pass
-            report.failed += 1
-            if len(report.errors) < 5:
-                error = record.get("error") or (response.get("body") or {}).get("error") or {}
-                report.errors.append(redact(str(error.get("message") or error)[:200], secret))
+        name = file_key.removesuffix("_id").replace("_", " ")
+        try:
+            content = await call_with_retry(lambda file_id=file_id: client.files.content(file_id), policy, secret,
+                                            missing="gone")
+        except EndpointMissing:
+            log.warning("batch %s: its %s %s is gone from the server (404); its requests are planned again",
+                        entry["local_id"], name, file_id)
+            continue
+        skipped += read_lines(content.text, f"batch {entry['local_id']}: {name}", meta, seen, rows, report,
+                              secret, prices)
+    if skipped:
+        line = f"batch {entry['local_id']}: skipped {skipped} output line(s) that were not usable records"
+        log.warning("%s; every other line was ingested", line)
+        report.errors.append(line)
     for i in range(0, len(rows), 1000):
         cache.put_many(rows[i : i + 1000])
-    for row in rows:
-        report.refused += int(row["refused"])
-        report.succeeded += int(not row["refused"])
-        report.prompt_tokens += row["prompt_tokens"]
-        report.completion_tokens += row["completion_tokens"]
-        report.usd += row["cost_usd"] or 0.0
+    count_rows(report, rows)
     missing = len(meta) - len(seen)
     report.failed += missing  # expired, cancelled or failed before they ran: planned again next time
     entry.update(status="ingested", n_succeeded=len(rows), n_missing=missing)
@@ -299,8 +335,13 @@ async def advance(
     on_poll: Callable[[list[dict[str, Any]]], None] | None = None,
     prices: Prices | None = None,
     token_limit: int | None = None,
+    submit: bool = True,
+    deadline: float | None = None,
 ) -> BatchReport:
     """Drive every unfinished entry forward: create, poll, ingest. ``wait=False`` polls once.
+
+    ``submit=False`` only polls and ingests (nothing new is sent); ``deadline`` bounds each
+    status request as a whole (``--timeout``).
 
     With ``token_limit`` (the enqueued-token limit) a prepared file is submitted only while the
     estimated input tokens of unfinished batches plus its own stay within it (a file alone is
@@ -322,9 +363,15 @@ async def advance(
             report.submitted_requests += entry["n_requests"]
 
     while True:
-        await submit_ready()
+        if submit:
+            await submit_ready()
         for entry in [e for e in store.active() if e["status"] == "submitted"]:
-            batch = await call_with_retry(lambda: client.batches.retrieve(entry["batch_id"]), policy, secret)
+            try:
+                batch = await _retrieve(client, entry, policy, secret, deadline)
+            except _Unknown:
+                _mark_lost(store, entry, report, secret)
+                await _delete_files(client, entry, secret)  # its input file, if the server still has it
+                continue
             counts = batch.request_counts.model_dump() if batch.request_counts else None
             changed = (batch.status, counts) != (entry.get("remote_status"), entry.get("request_counts"))
             entry.update(remote_status=batch.status, request_counts=counts,

@@ -10,6 +10,13 @@ server is not hammered by the other workers. Without ``--rpm``/``--tpm`` the cli
 from the service's ``x-ratelimit-*`` headers (limit -> rate; remaining nearly spent -> wait for
 the reset), so a run sees few 429s. Error bodies of OpenAI and of open-model servers (vLLM,
 SGLang, Ollama, LMDeploy, FastAPI ``detail``) become one line with a hint where one helps.
+
+A hostile or broken server cannot hold or fool a run: ``--timeout`` bounds each attempt as a
+whole (a server that drips one byte a second times out like one that says nothing), a wait the
+server asks for beyond ``RetryPolicy.max_hint_s`` is not slept (``RetryLater``: the slice fails
+for this run, one line, and is asked again by the next), and a 200 whose body is not a chat
+completion is retried only ``RetryPolicy.max_malformed`` times; its tokens still count when
+the caller passes ``on_broken`` (``captions.answers``).
 """
 
 from __future__ import annotations
@@ -21,13 +28,16 @@ import logging
 import random
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import openai
 from openai.types.chat import ChatCompletion
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity import AsyncRetrying, RetryCallState
 
+from captions.answers import REFUSAL_PHRASES as REFUSAL_PHRASES  # re-exported: callers import them from here
+from captions.answers import Answer, MalformedResponse, parse_completion
+from captions.answers import detect_refusal as detect_refusal
 from captions.errors import FatalAPIError
 from captions.models import completion_params
 from captions.options import RetryPolicy
@@ -36,55 +46,13 @@ from captions.pacing import HeaderPacer, RateLimiter, parse_duration
 log = logging.getLogger(__name__)
 RAW_RESPONSE_HEADER = "X-Stainless-Raw-Response"  # the SDK's switch for a response with headers
 
-REFUSAL_PHRASES: tuple[str, ...] = (
-    "i'm sorry",
-    "i am sorry",
-    "i apologize",
-    "i can't help",
-    "i cannot help",
-    "i can't assist",
-    "i cannot assist",
-    "i can't provide",
-    "i cannot provide",
-    "unable to provide",
-    "i'm unable to",
-    "i am unable to",
-    "i'm not able to",
-    "i am not able to",
-    "i can't analyze",
-    "i cannot analyze",
-    "i can't interpret",
-    "i cannot interpret",
-)
 # 400s that concern one image, not the run: flagged like a refusal instead of stopping.
+CUT_OFF = b"{"  # what is known of a body the server cut off: a JSON object began (the model ran)
 CONTENT_ERROR_CODES = ("content_policy_violation", "content_filter", "image_content_policy_violation")
-
-
-class MalformedResponse(Exception):
-    """A 2xx answer whose body is not a usable chat completion (retried)."""
 
 
 class Stopped(Exception):
     """The run is stopping (another worker hit a fatal error); nothing was sent."""
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One parsed chat completion."""
-
-    text: str
-    finish_reason: str | None
-    refused: bool
-    prompt_tokens: int
-    completion_tokens: int
-    request_id: str | None
-    model: str | None
-    usage: str = "reported"  # "estimated" when the server sent no usage (jobs.with_estimated_usage)
-
-    @property
-    def truncated(self) -> bool:
-        """Empty and cut by the completion cap: a reasoning model spent it all on reasoning."""
-        return self.finish_reason == "length" and not self.text.strip()
 
 
 def redact(text: str, secret: str | None = None) -> str:
@@ -94,14 +62,6 @@ def redact(text: str, secret: str | None = None) -> str:
     text = re.sub(r"sk-[A-Za-z0-9_\-*.]{4,}", "sk-***", text)
     text = re.sub(r"(?i)bearer\s+\S+", "Bearer ***", text)
     return " ".join(text.split())[:400]
-
-
-def detect_refusal(text: str, finish_reason: str | None, refusal: str | None = None) -> bool:
-    """True for refusals, empty answers and truncated or filtered completions."""
-    if refusal or finish_reason in ("length", "content_filter") or not text.strip():
-        return True
-    head = text.strip().lower().replace("\u2019", "'")[:300]
-    return any(phrase in head for phrase in REFUSAL_PHRASES)
 
 
 def retry_after_hint(exc: BaseException) -> float | None:
@@ -161,7 +121,8 @@ def is_quota_error(exc: BaseException) -> bool:
 
 def is_retryable(exc: BaseException) -> bool:
     """The single retry predicate (see module docstring)."""
-    if isinstance(exc, (MalformedResponse, openai.APIConnectionError, openai.APIResponseValidationError)):
+    if isinstance(exc, (MalformedResponse, AttemptTimeout, openai.APIConnectionError,
+                        openai.APIResponseValidationError)):
         return True  # APITimeoutError is an APIConnectionError
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
@@ -206,6 +167,15 @@ def make_openai(api_key: str, base_url: str | None, timeout: float) -> openai.As
     return openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout)
 
 
+class AttemptTimeout(Exception):
+    """One attempt took longer than ``--timeout`` as a whole (retried like a timeout)."""
+
+
+class RetryLater(Exception):
+    """The server asked for a longer wait than ``RetryPolicy.max_hint_s``: not slept; the slice
+    fails for this run and is asked again by the next one."""
+
+
 def backoff_wait(policy: RetryPolicy, attempt_number: int, exc: BaseException | None) -> float:
     """Server-requested wait (plus up to 10% jitter) if any, else exponential with jitter."""
     hint = retry_after_hint(exc) if exc is not None else None
@@ -215,37 +185,96 @@ def backoff_wait(policy: RetryPolicy, attempt_number: int, exc: BaseException | 
     return base / 2 + random.uniform(0, base / 2)
 
 
+def wait_too_long(exc: BaseException, policy: RetryPolicy) -> RetryLater | None:
+    """A ``RetryLater`` line when ``exc`` asks for a wait over the policy's cap, else None."""
+    if not isinstance(exc, openai.APIStatusError):
+        return None
+    hint = retry_after_hint(exc)
+    if hint is None or hint <= policy.max_hint_s:
+        return None
+    return RetryLater(f"the server asked to wait {hint:,.0f} s (HTTP {exc.status_code}), more than the "
+                      f"{policy.max_hint_s:g} s we wait (--max-retry-wait); not waiting: asked again on the next run")
+
+
+class _Retrying:
+    """The retry and stop rules of one call: ``is_retryable``, no wait over the cap, and at most
+    ``max_malformed`` retries of unusable 200s within ``max_attempts``."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.malformed = 0
+
+    def retry(self, state: RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        if exc is None or not is_retryable(exc) or wait_too_long(exc, self.policy) is not None:
+            return False
+        if isinstance(exc, MalformedResponse):
+            self.malformed += 1
+            return self.malformed <= self.policy.max_malformed
+        return True
+
+    def stop(self, state: RetryCallState) -> bool:
+        return state.attempt_number >= self.policy.max_attempts
+
+    def give_up(self, exc: BaseException) -> BaseException:
+        """What the caller sees once retrying is over (one line)."""
+        if isinstance(exc, MalformedResponse):
+            return MalformedResponse(f"{self.malformed} answers with status 200 were not a usable chat completion "
+                                     f"(last: {exc}); not retried further: asked again on the next run")
+        if isinstance(exc, AttemptTimeout):
+            return AttemptTimeout(f"{exc}; gave up after {self.policy.max_attempts} attempts")
+        return wait_too_long(exc, self.policy) or exc
+
+
 class EndpointMissing(FatalAPIError):
     """The server does not have the endpoint (404/405): e.g. no Files/Batches API."""
 
 
-async def call_with_retry(fn: Any, policy: RetryPolicy, secret: str | None, missing: str | None = None) -> Any:
+async def call_with_retry(fn: Any, policy: RetryPolicy, secret: str | None, missing: str | None = None,
+                          deadline: float | None = None) -> Any:
     """Await ``fn()`` under the retry policy; non-retryable statuses become FatalAPIError.
 
     For the small Batch API calls (upload, create, retrieve, download).
 
     Args:
         missing: when set, a 404/405 raises ``EndpointMissing`` with this line instead.
+        deadline: seconds one attempt may take as a whole (None: the client's per-read timeout).
+
+    Raises:
+        FatalAPIError: a non-retryable status, or a wait over the policy's cap (the batch state
+            is saved: the next run goes on from there).
     """
-    retrying = AsyncRetrying(
-        retry=retry_if_exception(is_retryable),
-        wait=lambda s: backoff_wait(policy, s.attempt_number, s.outcome.exception()),
-        stop=stop_after_attempt(policy.max_attempts),
-        reraise=True,
-    )
+    rules = _Retrying(policy)
+    retrying = AsyncRetrying(retry=rules.retry, stop=rules.stop, reraise=True,
+                             wait=lambda s: backoff_wait(policy, s.attempt_number, s.outcome.exception()))
+
+    async def once() -> Any:
+        try:
+            return await (fn() if deadline is None else asyncio.wait_for(fn(), deadline))
+        except asyncio.TimeoutError:
+            raise AttemptTimeout(f"no complete answer within {deadline:g} s") from None
+        except (json.JSONDecodeError, ValueError):
+            raise MalformedResponse("unparseable response") from None
+
     try:
         async for attempt in retrying:
             with attempt:
-                try:
-                    return await fn()
-                except (json.JSONDecodeError, ValueError):
-                    raise MalformedResponse("unparseable response") from None
+                return await once()
     except openai.APIStatusError as exc:
-        if is_retryable(exc):
-            raise
+        if (later := wait_too_long(exc, policy)) is not None:
+            raise FatalAPIError(str(later)) from None
         if missing is not None and exc.status_code in (404, 405):
             raise EndpointMissing(missing) from None
-        raise fatal_error(exc, secret) from None
+        if not is_retryable(exc):
+            raise fatal_error(exc, secret) from None
+        raise FatalAPIError(redact(f"the server kept failing ({policy.max_attempts} attempts): "
+                                   f"{fatal_error(exc, secret)}", secret)) from None
+    except Exception as exc:
+        if not is_retryable(exc):
+            raise
+        # The batch state is saved step by step: the next run goes on from here.
+        raise FatalAPIError(redact(f"the server kept failing: {type(exc).__name__}: {rules.give_up(exc)}",
+                                   secret)) from None
     raise AssertionError("unreachable")
 
 
@@ -272,6 +301,7 @@ class CaptionClient:
         self.reasoning_effort = reasoning_effort
         self.retry = retry or RetryPolicy()
         self.openai = make_openai(api_key, base_url, timeout)
+        self.timeout = timeout  # one attempt as a whole, not each read (httpx's timeout)
         self._secret = api_key
         self._sem = asyncio.Semaphore(max(1, concurrency))
         self._rpm = RateLimiter(rpm)
@@ -304,25 +334,32 @@ class CaptionClient:
                  status, state.attempt_number, wait, redact(str(exc), self._secret)[:160])
 
     async def complete(
-        self, messages: list[dict[str, Any]], *, max_tokens: int, temperature: float, est_tokens: int
+        self, messages: list[dict[str, Any]], *, max_tokens: int, temperature: float, est_tokens: int,
+        on_broken: Callable[[bytes | None], None] | None = None,
     ) -> Answer:
-        """One caption with retries. Raises FatalAPIError, Stopped or the last retryable error.
+        """One caption with retries. Raises FatalAPIError, Stopped, RetryLater or the last
+        retryable error (``AttemptTimeout``, ``MalformedResponse``, a status), each one line.
 
         Args:
             max_tokens: the completion cap (for a reasoning model: reasoning plus caption).
+            on_broken: called with the body of each 200 that was not a usable chat completion
+                (its tokens may have been paid: ``captions.answers.usage_in_body``).
         """
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(is_retryable),
-            wait=self._wait,
-            stop=stop_after_attempt(self.retry.max_attempts),
-            before_sleep=self._log_retry,
-            reraise=True,
-        )
+        rules = _Retrying(self.retry)
+        retrying = AsyncRetrying(retry=rules.retry, stop=rules.stop, wait=self._wait,
+                                 before_sleep=self._log_retry, reraise=True)
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._once(messages, max_tokens, temperature, est_tokens)
+                    try:
+                        return await self._once(messages, max_tokens, temperature, est_tokens)
+                    except MalformedResponse as exc:
+                        if on_broken is not None:
+                            on_broken(exc.body)
+                        raise
         except openai.APIStatusError as exc:
+            if (later := wait_too_long(exc, self.retry)) is not None:
+                raise later from None
             if is_retryable(exc):
                 raise
             if exc.status_code == 400 and _error_code(exc) in CONTENT_ERROR_CODES:
@@ -330,6 +367,8 @@ class CaptionClient:
                               exc.request_id, self.model)
             # `from None`: the SDK error holds the request, whose headers carry the key.
             raise fatal_error(exc, self._secret) from None
+        except (MalformedResponse, AttemptTimeout) as exc:
+            raise rules.give_up(exc) from None
         raise AssertionError("unreachable")
 
     async def _once(
@@ -343,46 +382,36 @@ class CaptionClient:
             if self._stopped:
                 raise Stopped()
             self.attempts += 1
+            # client.post instead of chat.completions.create: same auth, errors and timeout,
+            # minus the SDK's per-request TypedDict transform of the messages, which costs
+            # ~5 ms of CPU per image message and halved throughput in our measurements.
+            # The raw-response header keeps the rate-limit headers (parsed below). wait_for
+            # bounds the attempt as a whole: httpx's timeout is per read, and a server that
+            # sends a byte a second never trips it.
             try:
-                # client.post instead of chat.completions.create: same auth, errors and timeout,
-                # minus the SDK's per-request TypedDict transform of the messages, which costs
-                # ~5 ms of CPU per image message and halved throughput in our measurements.
-                # The raw-response header keeps the rate-limit headers (parsed below).
-                raw = await self.openai.post(
+                raw = await asyncio.wait_for(self.openai.post(
                     "/chat/completions", cast_to=ChatCompletion,
                     body={"model": self.model, "messages": messages,
                           **completion_params(self.model, max_tokens, temperature, self.reasoning_effort)},
                     options={"headers": {RAW_RESPONSE_HEADER: "true"}},
-                )
-                hold = self.pacer.update(raw.headers, est_tokens)
-                if hold > 0:
-                    self._cooldown_until = max(self._cooldown_until, time.monotonic() + hold)
-                completion = raw.parse()
-            except (json.JSONDecodeError, ValueError, openai.APIResponseValidationError) as exc:
-                raise MalformedResponse(f"unparseable response: {type(exc).__name__}") from None
-        return parse_completion(completion)
-
-
-def parse_completion(completion: Any) -> Answer:
-    """Answer from a ChatCompletion (SDK object or plain dict, as in batch output files)."""
-    if hasattr(completion, "model_dump"):
-        request_id = getattr(completion, "_request_id", None)
-        completion = completion.model_dump()
-        completion["_request_id"] = request_id
-    if not isinstance(completion, dict) or not completion.get("choices"):
-        raise MalformedResponse("response has no choices")
-    choice = completion["choices"][0] or {}
-    message = choice.get("message") or {}
-    text = (message.get("content") or "").strip()
-    refusal = message.get("refusal")
-    finish = choice.get("finish_reason")
-    usage = completion.get("usage") or {}
-    return Answer(
-        text=text or (refusal or ""),
-        finish_reason=finish,
-        refused=detect_refusal(text, finish, refusal),
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
-        request_id=completion.get("_request_id") or completion.get("id"),
-        model=completion.get("model"),
-    )
+                ), self.timeout)
+            except asyncio.TimeoutError:
+                raise AttemptTimeout(f"no complete answer within --timeout {self.timeout:g} s") from None
+            except openai.APIConnectionError as exc:
+                if "complete message body" in str(exc.__cause__ or ""):  # headers came, the body was cut
+                    raise MalformedResponse("the body was cut off before its end", CUT_OFF) from None
+                raise
+            hold = self.pacer.update(raw.headers, est_tokens)
+            if hold > 0:
+                self._cooldown_until = max(self._cooldown_until, time.monotonic() + hold)
+        body = raw.http_response.content
+        try:
+            completion = json.loads(body)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError
+            raise MalformedResponse("the body is not JSON (truncated or invalid)", body[:65536]) from None
+        if isinstance(completion, dict):
+            completion.setdefault("_request_id", raw.headers.get("x-request-id"))
+        try:
+            return parse_completion(completion)
+        except MalformedResponse as exc:
+            raise MalformedResponse(str(exc), body[:65536]) from None

@@ -105,6 +105,30 @@ def run_captions(
             db.close()
 
 
+def collect_batches(options: CaptionOptions, *, cache: CaptionCache, batch_dir: str | Path) -> CaptionSummary:
+    """Poll and ingest the submitted batches of ``batch_dir`` without sending anything new
+    (their answers were paid: they belong in the cache whatever happens to the release)."""
+    store = batchflow.BatchStore(batch_dir)
+    summary = CaptionSummary(options.provider, options.model, options.mode)
+    if not any(e.get("batch_id") for e in store.active()):
+        return summary
+
+    async def collect() -> batchflow.BatchReport:
+        secret = options.request_key()
+        client = make_openai(secret, options.base_url, options.timeout)
+        try:
+            return await batchflow.advance(client, store, cache, wait=False, poll_interval=options.poll_interval,
+                                           policy=options.retry, secret=secret, prices=options.prices,
+                                           submit=False, deadline=options.timeout)
+        finally:
+            await client.close()
+
+    report = asyncio.run(collect())
+    summary.succeeded, summary.refused, summary.pending = report.succeeded, report.refused, report.pending_requests
+    summary.errors += report.errors
+    return summary
+
+
 def _run_offline(jobs: list[Job], db: CaptionCache, summary: CaptionSummary,
                  progress: Callable[[int, int], None] | None) -> None:
     rows = [cache_row(j.item, Answer(offline_caption(j.req.context), "stop", False, 0, 0, None, None), "offline")
@@ -122,12 +146,13 @@ async def _run_batch(options: CaptionOptions, requests: Sequence[CaptionRequest]
     secret = options.request_key()
     client = make_openai(secret, options.base_url, options.timeout)
     flow = dict(poll_interval=options.poll_interval, policy=options.retry, secret=secret, prices=options.prices,
-                token_limit=options.batch_token_limit)
+                token_limit=options.batch_token_limit, deadline=options.timeout)
     report = batchflow.BatchReport()
     try:
         # Batches of an earlier (possibly killed) run are polled and ingested, never resent.
         await batchflow.advance(client, store, db, wait=False, report=report, **flow)
-        jobs, summary = plan(options, requests, db, budget, store.pending_keys())
+        # A batch found lost just now is asked again by the next run, not this one.
+        jobs, summary = plan(options, requests, db, budget, store.pending_keys() | report.lost_keys)
         unreadable = [j for j in jobs if not j.req.image_path.is_file()]
         for job in unreadable:
             summary.errors.append(f"{job.req.slice_id}: image not found: {job.req.image_path}")
@@ -159,7 +184,9 @@ async def _run_batch(options: CaptionOptions, requests: Sequence[CaptionRequest]
     summary.sent = report.submitted_requests
     summary.pending = report.pending_requests
     summary.succeeded, summary.refused = report.succeeded, report.refused
-    summary.failed = report.failed + len(unreadable)
+    summary.failed = report.failed + report.lost + len(unreadable)
+    summary.rejected = report.rejected + len(unreadable)
+    summary.invalid, summary.broken = report.invalid, report.broken
     summary.prompt_tokens, summary.completion_tokens = report.prompt_tokens, report.completion_tokens
     summary.usd_actual = report.usd
     summary.errors += report.errors

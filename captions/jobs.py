@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from captions.answers import Answer, looks_paid, usage_in_body
 from captions.cache import cache_key
-from captions.client import Answer
 from captions.cost import CHARS_PER_TOKEN, Estimate, Prices, cost_usd, listed
 from captions.offline import OFFLINE_PROMPT_VERSION
 from captions.options import CaptionOptions
@@ -79,6 +79,11 @@ def _params(options: CaptionOptions, context: dict[str, Any], version: str) -> d
     if options.offline:
         fields = json.dumps(context_fields(context), sort_keys=True)
         params: dict[str, Any] = {"context_sha256": hashlib.sha256(fields.encode()).hexdigest()}
+        # What the offline text also depends on; in the key only when present, so older keys hold.
+        extras = {k: context[k] for k in ("label_regions", "channel_name", "foreground_fraction")
+                  if context.get(k) is not None}
+        if extras:
+            params["extras_sha256"] = hashlib.sha256(json.dumps(extras, sort_keys=True).encode()).hexdigest()
         if options.context != "labels":
             params["context"] = options.context  # hidden labels read like absent ones
         return params
@@ -113,6 +118,31 @@ def with_estimated_usage(answer: Answer, input_tokens: int) -> Answer:
     return replace(answer, prompt_tokens=input_tokens, completion_tokens=output, usage="estimated")
 
 
+def answer_usd(item: CacheItem, answer: Answer, mode: str, prices: Prices | None = None,
+               any_price: bool = False) -> float | None:
+    """What an answer cost: offline is free; estimated usage is priced from ``--prices`` only (a
+    server that reports no usage is not OpenAI, whatever the model is called), unless
+    ``any_price`` (a broken answer: its usage was lost on the way, not left out by the server)."""
+    if mode == "offline":
+        return 0.0
+    if answer.usage == "estimated" and not any_price and not (prices and listed(item.model, prices)):
+        return None
+    return cost_usd(item.model, answer.prompt_tokens, answer.completion_tokens, batch=mode == "batch",
+                    prices=prices)
+
+
+def broken_answer(body: bytes | None, input_tokens: int, output_tokens: int) -> Answer | None:
+    """The tokens of a 200 whose body was not a usable completion, as an (unusable) Answer:
+    read from the body when it still holds them, else the request's estimate when the body
+    started as JSON (the model ran), else None (a proxy page: nothing known to be spent)."""
+    usage = usage_in_body(body)
+    if usage is not None:
+        return Answer("", "malformed", True, usage[0], usage[1], None, None)
+    if looks_paid(body):
+        return Answer("", "malformed", True, input_tokens, output_tokens, None, None, usage="estimated")
+    return None
+
+
 def cache_row(item: CacheItem, answer: Answer, mode: str, request_id: str | None = None,
               prices: Prices | None = None) -> dict[str, Any]:
     """The cache row of one answer (``created_at`` is stamped by the cache when it commits).
@@ -122,17 +152,9 @@ def cache_row(item: CacheItem, answer: Answer, mode: str, request_id: str | None
         answer: the parsed answer (the offline captioner builds one too).
         mode: "sync", "batch" (half price) or "offline" (free).
         request_id: the server's id when it comes apart from the answer (batch output lines).
-        prices: ``--prices`` entries. Estimated usage is priced from them only: a server that
-            reports no usage is not OpenAI, whatever the model is called.
+        prices: ``--prices`` entries (see ``answer_usd``).
     """
-    if mode == "offline":
-        usd: float | None = 0.0
-    elif answer.usage == "estimated":
-        usd = (cost_usd(item.model, answer.prompt_tokens, answer.completion_tokens, batch=mode == "batch",
-                        prices=prices) if prices and listed(item.model, prices) else None)
-    else:
-        usd = cost_usd(item.model, answer.prompt_tokens, answer.completion_tokens, batch=mode == "batch",
-                       prices=prices)
+    usd = answer_usd(item, answer, mode, prices)
     return {
         "key": item.key, "slice_id": item.slice_id, "image_sha256": item.image_sha256,
         "provider": item.provider, "text": answer.text, "model": answer.model or item.model,

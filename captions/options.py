@@ -35,7 +35,10 @@ class RetryPolicy:
     max_attempts: int = 8
     initial_s: float = 0.5
     max_wait_s: float = 30.0
-    max_hint_s: float = 300.0  # longest server-requested wait we honour
+    # Longest server-requested wait (Retry-After, "try again in ...") we sleep; a longer one
+    # fails that request for this run (one line) instead: the next run asks again.
+    max_hint_s: float = 60.0
+    max_malformed: int = 2  # retries of a 200 whose body is not a usable chat completion
 
 
 def default_provider(api_key: str | None, base_url: str | None) -> str:

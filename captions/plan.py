@@ -38,6 +38,9 @@ class CaptionSummary:
     refused: int = 0
     truncated: int = 0  # empty answers cut by the completion cap (reasoning used it all)
     failed: int = 0
+    rejected: int = 0  # of failed: refused by the server as invalid (4xx) or unreadable; not retried by a rerun
+    invalid: int = 0  # answers far longer than --max-tokens allows: flagged (in refused), not used
+    broken: int = 0  # 200s whose body was not a usable completion; their tokens still count
     http_requests: int = 0  # attempts on the wire, retries included
     est_prompt_tokens: int = 0
     est_completion_tokens: int = 0
@@ -52,6 +55,15 @@ class CaptionSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def incomplete(self) -> str | None:
+        """Why a release would miss slices a rerun can still answer (pending batches, failures
+        a rerun retries), in one line; None when the run is complete."""
+        retry = self.failed - self.rejected
+        parts = ([f"{self.pending} requests are still in batches"] if self.pending else []) + (
+            [f"{retry} requests failed for this run"] if retry > 0 else [])
+        return "; ".join(parts) or None
 
 
 def estimate(options: CaptionOptions, job: Job) -> Estimate:

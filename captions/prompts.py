@@ -128,7 +128,7 @@ def visible_context(context: dict[str, Any], level: str) -> dict[str, Any]:
     if level == "labels":
         return context
     if level == "metadata":
-        return {k: v for k, v in context.items() if k != "labels_present"}
+        return {k: v for k, v in context.items() if k not in ("labels_present", "label_regions")}
     return {}
 
 

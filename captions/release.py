@@ -7,6 +7,12 @@ training, with a subject-wise deterministic 7:1:2 split. When it exists already,
 write exactly the same rows without a new request says so and succeeds; anything else needs a
 new ``--out``, and is refused before anything is paid. A paying run holds the workdir's
 ``RunLock`` from planning to the release write, so two runs never pay for one slice twice.
+
+The release is written only when the run is complete: while requests wait in batches
+(``--no-wait``, ``--batch-token-limit``) or failed for this run (a timeout, a wait the server
+asked for that is too long, a broken answer, a lost batch), nothing is written and the result
+says why in one line, so the same command rerun ingests, asks again and then writes it.
+Batches submitted earlier are always collected into the cache, even when ``out`` exists.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from captions.offline import context_extras
 from curation.slicing.render import render_slices
 from curation.store.fsutil import atomic_path
 from curation.store.layout import Workdir
@@ -32,7 +39,7 @@ from curation.store.manifest import (
 from curation.store.splits import case_splits
 
 from .cache import CaptionCache
-from .engine import lookup, run_captions
+from .engine import collect_batches, lookup, run_captions
 from .jobs import CaptionRequest
 from .lock import RunLock
 from .options import CaptionOptions
@@ -49,6 +56,7 @@ class ReleaseResult:
     refused: int = 0
     splits: dict[str, int] = field(default_factory=dict)
     unchanged: bool = False  # ``out`` already held exactly this release; nothing was written
+    held: str | None = None  # why no release was written yet (rerun the same command), one line
 
 
 def _context(row: dict[str, Any]) -> dict[str, Any]:
@@ -58,7 +66,7 @@ def _context(row: dict[str, Any]) -> dict[str, Any]:
         return value if isinstance(value, str) and value else None  # NaN/None -> None
 
     labels = row.get("labels_present")
-    return {
+    ctx = {
         "modality": text("modality") or "unknown",
         "plane": row["plane"],
         "position": float(row["position"]),
@@ -66,6 +74,9 @@ def _context(row: dict[str, Any]) -> dict[str, Any]:
         "labels_present": list(labels) if isinstance(labels, (list, tuple, np.ndarray)) else [],
         "dataset": text("subset") or text("dataset"),
     }
+    # The label geometry, MR channel and body fraction the offline captioner grounds its text in.
+    ctx.update({k: v for k, v in context_extras(row).items() if v is not None})
+    return ctx
 
 
 def candidate_slices(workdir: Path, all_slices: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -86,6 +97,9 @@ def candidate_slices(workdir: Path, all_slices: bool = False) -> tuple[pd.DataFr
         return df.sort_values(["volume_id", "plane_index", "index"], ignore_index=True), volumes
     if df["selection_order"].isna().all():
         raise ValueError("slices are not ranked yet: run `curate rank` first (or pass --all)")
+    # Slices rank left without an order (volumes with quality flags, unless --include-flagged)
+    # are not bought.
+    df = df[df["selection_order"].notna()]
     return df.sort_values("selection_order", ignore_index=True), volumes
 
 
@@ -150,9 +164,13 @@ def run_release(
                 reqs, options, cache=db, batch_dir=wd.batches, on_update=on_update,
                 progress=(lambda d, t: progress("captioning", d, t)) if progress else None,
             )
-            _export_cache(db, wd.caption_table)
-            if options.dry_run:
+            if options.dry_run:  # holds no lock: reads only, never writes what a paying run owns
                 return ReleaseResult(summary=summary, out=None)
+            _export_cache(db, wd.caption_table)
+            if (why := summary.incomplete) is not None:
+                return ReleaseResult(summary=summary, out=None, held=(
+                    f"{out.name} not written yet: {why}; rerun the same command to collect and ask "
+                    "again, and it is written once complete"))
             answers = lookup(reqs, options, cache=db)
         finally:
             db.close()
@@ -162,7 +180,10 @@ def run_release(
 def _existing(out: Path, selected: pd.DataFrame, reqs: list[CaptionRequest], options: CaptionOptions,
               db: CaptionCache, wd: Workdir, splits: dict[str, str]) -> ReleaseResult:
     """``out`` exists: succeed when it holds exactly what this run would write without a new
-    request (the same command rerun), else refuse before anything is paid."""
+    request (the same command rerun), else refuse before anything is paid. Submitted batches
+    are collected first: their answers were paid, whatever the release."""
+    if options.mode == "batch" and not options.offline:
+        collect_batches(options, cache=db, batch_dir=wd.batches)
     plan = run_captions(reqs, replace(options, dry_run=True), cache=db, batch_dir=wd.batches)
     rows = _release_rows(selected, lookup(reqs, options, cache=db), splits)
     old = read_manifest(out)

@@ -15,12 +15,23 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from captions.answers import Answer, screen
 from captions.budget import Budget
 from captions.cache import CaptionCache
 from captions.client import CaptionClient, Stopped, redact
+from captions.cost import Estimate
 from captions.errors import FatalAPIError
 from captions.images import image_bytes
-from captions.jobs import Job, cache_row, caption_job, fallback_version, primary_version, with_estimated_usage
+from captions.jobs import (
+    Job,
+    answer_usd,
+    broken_answer,
+    cache_row,
+    caption_job,
+    fallback_version,
+    primary_version,
+    with_estimated_usage,
+)
 from captions.options import CaptionOptions
 from captions.plan import CaptionSummary, estimate
 from captions.prompts import build_messages
@@ -91,6 +102,18 @@ async def run_sync(options: CaptionOptions, jobs: list[Job], db: CaptionCache, s
     state: dict[str, Any] = {"fatal": None, "consecutive": 0, "done": 0}
     primary = primary_version(options)
 
+    def count_usage(answer: Answer, usd: float | None) -> None:
+        budget.spend(usd)
+        summary.prompt_tokens += answer.prompt_tokens
+        summary.completion_tokens += answer.completion_tokens
+        summary.usage_estimated += int(answer.usage == "estimated")
+        summary.usd_actual = None if usd is None or summary.usd_actual is None else summary.usd_actual + usd
+
+    def error_line(job: Job, reason: str, what: str = "caption failed") -> None:
+        if len(summary.errors) < 10:
+            summary.errors.append(f"{job.req.slice_id}: {reason}")
+        log.warning("%s for %s: %s", what, job.req.slice_id, reason)
+
     async def worker() -> None:
         while queue and state["fatal"] is None:
             job = queue.popleft()
@@ -100,13 +123,21 @@ async def run_sync(options: CaptionOptions, jobs: list[Job], db: CaptionCache, s
                 continue
             est = job.estimate or estimate(options, job)
             budget.reserve(est.usd)
+
+            def on_broken(body: bytes | None, job: Job = job, est: Estimate = est) -> None:  # maybe paid
+                spent = broken_answer(body, est.input_tokens, est.output_tokens)
+                if spent is not None:
+                    summary.broken += 1
+                    count_usage(spent, answer_usd(job.item, spent, "sync", options.prices, any_price=True))
+
             try:
                 messages = build_messages(job.req, image_bytes(job.req.image_path, options.image_size),
                                           options.detail, version=options.template(job.version))
                 summary.sent += 1
                 answer = await client.complete(messages, max_tokens=options.completion_cap,
                                                temperature=options.temperature,
-                                               est_tokens=est.input_tokens + est.output_tokens)
+                                               est_tokens=est.input_tokens + est.output_tokens,
+                                               on_broken=on_broken)
             except FatalAPIError as exc:
                 state["fatal"] = exc
                 client.stop()
@@ -114,13 +145,12 @@ async def run_sync(options: CaptionOptions, jobs: list[Job], db: CaptionCache, s
             except Stopped:
                 summary.sent -= 1
                 return
-            except Exception as exc:  # retries exhausted or unreadable image: this slice only
+            except Exception as exc:  # retries exhausted, a wait too long, unreadable image: this slice only
                 summary.failed += 1
+                summary.rejected += int(isinstance(exc, OSError))  # the image: a rerun would fail too
                 state["consecutive"] += 1
                 reason = redact(f"{type(exc).__name__}: {exc}", secret)
-                if len(summary.errors) < 10:
-                    summary.errors.append(f"{job.req.slice_id}: {reason}")
-                log.warning("caption failed for %s: %s", job.req.slice_id, reason)
+                error_line(job, reason)
                 if state["consecutive"] >= MAX_CONSECUTIVE_FAILURES:
                     state["fatal"] = FatalAPIError(f"{state['consecutive']} requests in a row failed; last: {reason}")
                     client.stop()
@@ -129,14 +159,13 @@ async def run_sync(options: CaptionOptions, jobs: list[Job], db: CaptionCache, s
                 budget.release(est.usd)
             state["consecutive"] = 0
             answer = with_estimated_usage(answer, est.input_tokens)
-            summary.usage_estimated += int(answer.usage == "estimated")
+            answer, invalid = screen(answer, options.max_tokens)  # a runaway caption is never used
+            if invalid is not None:
+                summary.invalid += 1
+                error_line(job, invalid, "caption flagged")
             row = cache_row(job.item, answer, "sync", prices=options.prices)
             await committer.commit(row)  # durable before this worker counts it or moves on
-            usd = row["cost_usd"]
-            budget.spend(usd)
-            summary.prompt_tokens += answer.prompt_tokens
-            summary.completion_tokens += answer.completion_tokens
-            summary.usd_actual = None if usd is None or summary.usd_actual is None else summary.usd_actual + usd
+            count_usage(answer, row["cost_usd"])
             summary.refused += int(answer.refused and not answer.truncated)
             summary.truncated += int(answer.truncated)
             summary.succeeded += int(not answer.refused)

@@ -9,10 +9,23 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from captions.options import CaptionOptions, default_provider
+from captions.options import CaptionOptions, RetryPolicy, default_provider
 from curation.store.layout import Workdir
 from med3dinsight.common import WorkdirOpt, console, out
 from med3dinsight.common import progress_bar as _progress
+
+
+def _diversity(release: Path) -> str | None:
+    """The release's caption-diversity line (distinct texts, most common share), or None."""
+    import pyarrow.parquet as pq
+
+    from captions.offline import caption_diversity, diversity_line
+
+    try:
+        rows = pq.read_table(release, columns=["caption", "refused"]).to_pydict()
+    except (OSError, ValueError, KeyError):
+        return None
+    return diversity_line(caption_diversity(c for c, r in zip(rows["caption"], rows["refused"]) if not r))
 
 
 def _fail_line(message: str, code: int) -> typer.Exit:
@@ -46,7 +59,8 @@ def caption_cmd(
     out_path: Optional[Path] = typer.Option(None, "--out", help="Release manifest to write (default manifests/v1.parquet; never overwritten)."),
     no_wait: bool = typer.Option(False, "--no-wait", help="Batch mode: submit/advance and return instead of polling."),
     batch_token_limit: Optional[int] = typer.Option(None, "--batch-token-limit", help="Batch mode: your organisation's enqueued-token limit for the model; batches are cut and submitted so that unfinished ones stay within it (estimated input tokens)."),
-    timeout: float = typer.Option(CaptionOptions.timeout, "--timeout", help="Per-request timeout in seconds."),
+    timeout: float = typer.Option(CaptionOptions.timeout, "--timeout", help="Seconds one request may take as a whole (a server that drips its answer times out too); then it is retried."),
+    max_retry_wait: float = typer.Option(RetryPolicy.max_hint_s, "--max-retry-wait", help="Longest wait (s) a server may ask for (Retry-After); a request asked to wait longer fails for this run and is asked again by the next."),
     wait: bool = typer.Option(False, "--wait", help="If another caption run holds this workdir, wait for it instead of stopping."),
 ) -> None:
     """Caption ranked slices with a vision-language model: cached, budgeted, resumable.
@@ -54,7 +68,8 @@ def caption_cmd(
     The key comes from OPENAI_API_KEY only. Every answer is committed to cache/captions.sqlite
     as it arrives, so a rerun (or a run after kill -9) never pays twice for an answer that
     arrived. One paying run per workdir at a time. Writes the release manifest with a
-    subject-wise 7:1:2 split.
+    subject-wise 7:1:2 split once the run is complete: while requests wait in batches (--no-wait)
+    or failed for this run, it says so and the same command rerun finishes the job.
     """
     import os
 
@@ -81,6 +96,7 @@ def caption_cmd(
             mode=mode, detail=detail, dry_run=dry_run, retry_refused=retry_refused, all_slices=all_slices,
             out=out_path, timeout=timeout, batch_wait=not no_wait, batch_token_limit=batch_token_limit, image_size=image_size,
             reasoning_effort=reasoning_effort, max_tokens=max_tokens, context=context, wait=wait,
+            retry=RetryPolicy(max_hint_s=max_retry_wait),
             prices=load_prices(prices_file) if prices_file else None,
             prompt=load_prompt_file(prompt_file, context) if prompt_file else None,
         )
@@ -124,6 +140,10 @@ def caption_cmd(
     table.add_row("to send / over budget", f"{s.to_send} / {s.over_budget}")
     if not dry_run:
         table.add_row("sent / ok / refused / failed", f"{s.sent} / {s.succeeded} / {s.refused} / {s.failed}")
+        if s.invalid:
+            table.add_row("invalid (far over --max-tokens)", f"{s.invalid} (flagged like refused, not used)")
+        if s.broken:
+            table.add_row("unusable 200 answers", f"{s.broken} (their tokens are counted below)")
         if s.truncated:
             table.add_row("empty at the completion cap", str(s.truncated))
         usage = f" ({s.usage_estimated} estimated: no usage from the server)" if s.usage_estimated else ""
@@ -136,6 +156,9 @@ def caption_cmd(
     if result.out:
         table.add_row("release manifest", f"{result.out} ({result.rows} rows, {result.refused} refused)")
         table.add_row("splits", ", ".join(f"{k} {v}" for k, v in sorted(result.splits.items())))
+        diversity = _diversity(result.out)
+        if diversity:
+            table.add_row("caption diversity", diversity)
     out.print(table)
     if result.refused and not retry_refused and not s.truncated:
         console.print(f"{result.refused} refused or empty answers are flagged, not used; "
@@ -144,3 +167,7 @@ def caption_cmd(
         console.print(f"error: {err}", soft_wrap=True)
     if s.stopped:
         console.print(f"[yellow]stopped early:[/yellow] {s.stopped}", soft_wrap=True)
+    if result.held:
+        console.print(f"[yellow]release:[/yellow] {escape(result.held)}", soft_wrap=True)
+        if s.failed > s.rejected:  # pending batches are the plan (--no-wait); failures are not success
+            raise typer.Exit(1)

@@ -33,6 +33,7 @@ def rank_cmd(
     render_size: int = typer.Option(512, "--render-size", help="PNG size in pixels of the slices rendered for CLIP (512 shares `curate caption`'s PNGs)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per CLIP forward pass."),
     device: Optional[str] = typer.Option(None, "--device", help="Device for CLIP (default: CUDA when available)."),
+    include_flagged: bool = typer.Option(False, "--include-flagged", help="Also rank volumes with quality flags (too few voxels, statistical map, constant or empty intensity; see quality_flags in manifests/volumes.parquet). By default their slices stay unranked, so `curate caption` leaves them out."),
 ) -> None:
     """Vote-MI-style selection of representative, diverse slices to caption first.
 
@@ -43,6 +44,7 @@ def rank_cmd(
     cache/png and the embedding store lack, and store the new embeddings for the next run.
     Writes vote_score, vote_rank and selection_order into manifests/slices.parquet; `curate caption
     --budget N` spends its budget in that order. --evaluate also writes reports/rank_eval.json.
+    Volumes with quality flags (manifests/volumes.parquet) stay unranked unless --include-flagged.
     """
     from curation.ranking.rank import RankConfig, run_rank
 
@@ -52,7 +54,7 @@ def rank_cmd(
         workdir=workdir, features=features, k=k, dim=dim, dup_threshold=dup_threshold, seed=seed, evaluate=evaluate_,
         workers=workers, stratify=stratify, atypicality_weight=atypicality_weight,
         min_relative_foreground=min_relative_foreground, edge_margin=edge_margin, body_mask=body_mask,
-        query=query, **({} if query_weight is None else {"query_weight": query_weight}),
+        query=query, include_flagged=include_flagged, **({} if query_weight is None else {"query_weight": query_weight}),
     )
     needs_clip = features == "clip" or (query is not None and cfg.query_weight > 0)
     with _progress() as progress:
@@ -89,6 +91,10 @@ def rank_cmd(
     if query is not None:
         table.add_row("query", f"text-guided, weight {cfg.query_weight:g}")
     table.add_row("deferred (near-empty, edge)", str(summary.extra.get("deferred", 0)))
+    n_flagged = summary.extra.get("flagged_volumes", 0)
+    if n_flagged:
+        what = "ranked (--include-flagged)" if include_flagged else f"left out, {summary.extra.get('flagged_slices', 0)} slices unranked (--include-flagged keeps them)"
+        table.add_row("volumes with quality flags", f"{n_flagged}: {what}")
     table.add_row("time", f"{summary.seconds:.1f} s")
     table.add_row("slices manifest", str(summary.slices_path))
     if summary.eval_path:

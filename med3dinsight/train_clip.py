@@ -11,7 +11,7 @@ from rich.table import Table
 
 from curation.store.layout import Workdir
 from med3dinsight.common import WorkdirOpt, fail, out
-from med3dinsight.train_options import manifest_path, metrics_line, option, switch
+from med3dinsight.train_options import main_process, manifest_path, metrics_line, option, switch
 from training.clip.config import ClipTrainConfig as C
 from training.loop.errors import TrainingError
 
@@ -39,6 +39,7 @@ def clip_cmd(
     resume: Optional[str] = option(C, "resume"),
     seed: int = option(C, "seed"),
     log_every: int = option(C, "log_every"),
+    report_to: str = option(C, "report_to"),
     device: str = option(C, "device"),
     lock_image: bool = switch(C, "lock_image", "lock-image", "Freeze the image tower."),
     lock_text: bool = switch(C, "lock_text", "lock-text", "Freeze the text tower."),
@@ -54,12 +55,14 @@ def clip_cmd(
         workdir=workdir, manifest=manifest_path(workdir, manifest), model=model, pretrained=pretrained, steps=steps,
         epochs=epochs, stop_after=stop_after, batch_size=batch_size, lr=lr, wd=wd, warmup=warmup,
         grad_clip_norm=grad_clip_norm, accum_freq=accum_freq, precision=precision, workers=workers, name=name,
-        resume=resume, seed=seed, log_every=log_every, device=device, lock_image=lock_image, lock_text=lock_text,
+        resume=resume, seed=seed, log_every=log_every, report_to=report_to, device=device, lock_image=lock_image, lock_text=lock_text,
     )
     try:
         res = train_clip(cfg)
     except (TrainingError, ValueError) as exc:
         raise fail(str(exc), 2) from None
+    if not main_process():
+        return
     table = Table(title="train clip", show_header=False)
     table.add_row("model", res.model)
     table.add_row("steps", f"{res.step} / {res.total_steps}" + ("" if res.completed else " (stopped early; --resume latest)"))

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from med3dinsight.common import WorkdirOpt, fail, out
-from med3dinsight.train_options import option, parse_kwargs
+from med3dinsight.train_options import main_process, option, parse_kwargs
 from training.finetune.config import FinetuneConfig as C
 from training.loop.errors import TrainingError
 
@@ -46,6 +46,7 @@ def finetune_cmd(
     resume: Optional[str] = option(C, "resume"),
     seed: int = option(C, "seed"),
     log_every: int = option(C, "log_every"),
+    report_to: str = option(C, "report_to"),
     device: str = option(C, "device"),
     encoder_arg: list[str] = typer.Option([], "--encoder-arg", help="Encoder size overrides for --init scratch, KEY=VALUE."),
     img_size: Optional[int] = option(C, "img_size", help="Network input side (default: the init's, else the volumes' grid)."),
@@ -65,12 +66,14 @@ def finetune_cmd(
         train_fraction=train_fraction, steps=steps, epochs=epochs, stop_after=stop_after, batch_size=batch_size, lr=lr,
         wd=wd, warmup=warmup, grad_clip_norm=grad_clip_norm, precision=precision, workers=workers, resume=resume,
         seed=seed, name=name, encoder_kwargs=parse_kwargs(encoder_arg), img_size=img_size, feature_size=feature_size,
-        log_every=log_every, ckpt_every=ckpt_every, device=device,
+        log_every=log_every, report_to=report_to, ckpt_every=ckpt_every, device=device,
     )
     try:
         res = finetune(cfg)
     except TrainingError as exc:
         raise fail(str(exc).strip(), 2) from None
+    if not main_process():
+        return
     table = Table(title=f"train finetune ({task}, {encoder}, init {init})", show_header=False)
     table.add_row("steps", f"{res.start_step} -> {res.step} of {res.total_steps}")
     table.add_row("volumes train / test", f"{res.n_train} / {res.n_test}")

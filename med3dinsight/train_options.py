@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +34,14 @@ SHARED_HELP = {
     "seed": "Seed of initialisation, sampling and augmentation.",
     "log_every": "Log a training line (and a metrics.jsonl row) every N optimizer steps.",
     "device": "auto (CUDA when available) | cpu | cuda | cuda:N.",
+    "report_to": "Also log to tensorboard and/or wandb (comma-separated; optional installs; wandb offline "
+                 "unless WANDB_MODE says otherwise).",
 }
+
+
+def main_process() -> bool:
+    """False on the ranks of a torchrun job other than 0: one summary per job, not one per rank."""
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def default_of(cls: type, name: str) -> Any:

@@ -5,9 +5,12 @@ Usage: check_report.py WORKDIR [--screenshot PNG] [--chromium PATH] [--pages N]
 
 Each report page carries a tiny inline script that, on window ``load``, writes the number of
 loaded images (complete and naturalWidth > 0) and of all images into
-``<body data-images-loaded data-images-total>``. This script dumps the DOM of index.html and
-of the first N volume pages and requires loaded == total > 0 on each, then takes a screenshot
-of the first volume page. Exit status 0 only when every page passes.
+``<body data-images-loaded data-images-total>``, and the number of inline SVGs (charts, label
+outlines) with a size on the page and of all of them into ``data-svgs-drawn data-svgs-total``.
+This script dumps the DOM of index.html and of the first N volume pages and requires
+loaded == total > 0 and drawn == total on each, and no console error (Chromium's log of the
+page's console), then takes a screenshot of the index and of the first volume page. Exit
+status 0 only when every page passes.
 """
 
 from __future__ import annotations
@@ -48,15 +51,30 @@ def chromium(binary: str, args: list[str], timeout: float = 90.0) -> subprocess.
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
+CONSOLE = re.compile(r"CONSOLE.*?(Uncaught|Error|error|Failed)|Failed to load resource|Not allowed to load")
+
+
+def console_errors(stderr: str) -> list[str]:
+    """Console errors and failed loads from Chromium's log (``--enable-logging=stderr``)."""
+    return [ln.strip() for ln in stderr.splitlines() if CONSOLE.search(ln)]
+
+
 def check_page(binary: str, page: Path) -> tuple[int, int]:
-    """(images loaded, images total) of one page, as the page's inline script counted them."""
-    res = chromium(binary, ["--dump-dom", page.resolve().as_uri()])
+    """(images loaded, images total) of one page, as the page's inline script counted them;
+    RuntimeError when an inline SVG has no size or the console logged an error."""
+    res = chromium(binary, ["--enable-logging=stderr", "--v=0", "--dump-dom", page.resolve().as_uri()])
     m = BODY.search(res.stdout)
     if res.returncode != 0 or not m:
         raise RuntimeError(f"{page}: chromium exit {res.returncode}, no <body> in the DOM; {res.stderr[-500:]}")
     loaded, total = _attr(m.group(0), "data-images-loaded"), _attr(m.group(0), "data-images-total")
     if loaded is None or total is None:
         raise RuntimeError(f"{page}: the load script did not run (no data-images-* on <body>)")
+    drawn, svgs = _attr(m.group(0), "data-svgs-drawn"), _attr(m.group(0), "data-svgs-total")
+    if drawn is not None and svgs is not None and drawn != svgs:
+        raise RuntimeError(f"{page}: {svgs - drawn} of {svgs} inline SVGs have no size on the page")
+    errors = console_errors(res.stderr)
+    if errors:
+        raise RuntimeError(f"{page}: console error: {errors[0][:300]}")
     return loaded, total
 
 
@@ -102,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             screenshot(args.chromium, volume_pages[0], shot)
             print(f"screenshot: {shot}")
+            index_shot = shot.with_name(shot.stem + "_index" + shot.suffix)
+            screenshot(args.chromium, index, index_shot, height=4000)
+            print(f"screenshot: {index_shot}")
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             print(f"FAIL screenshot: {exc}")
             ok = False

@@ -1,4 +1,4 @@
-"""pytest plugin: a real local OpenAI-compatible server (``captions.fake_server``) as fixtures.
+"""pytest plugin: a real local OpenAI-compatible server (``captions.testing.server``) as fixtures.
 
 Registered by ``tests/conftest.py`` (``pytest_plugins``). ``fake_openai`` is one running server
 that expects ``TEST_KEY``; ``start_fake_openai(**config)`` starts more (each with its own log),
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from captions.fake_server import FakeConfig, FakeOpenAI
+from captions.testing.server import FakeConfig, FakeOpenAI
 
 TEST_KEY = "sk-test-SECRET123"  # tests assert that "SECRET123" never leaks
 

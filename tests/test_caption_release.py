@@ -55,6 +55,7 @@ def test_caption_cli_against_local_server_then_free_rerun(ranked: Path, tmp_path
     assert len(fake_openai.answered()) == 0 and "USD" in res.output
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
+    assert "distinct captions of" in res.output  # the caption-diversity line
     n_answered = len(fake_openai.answered())
     rel = read_manifest(w / "manifests/v1.parquet")
     assert len(rel) == 20 and rel["caption"].notna().all()

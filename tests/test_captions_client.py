@@ -34,10 +34,10 @@ def answered_twice(server) -> dict[str, int]:
 def test_mixed_faults_complete_and_nothing_is_answered_twice(tmp_path, fake_openai):
     fake_openai.config.faults = {"429_header": 0.1, "429_ms": 0.05, "429_message": 0.1, "500": 0.1,
                                  "503": 0.05, "slow": 0.05, "malformed": 0.05, "text_plain": 0.05}
-    fake_openai.config.retry_after, fake_openai.config.slow_seconds = 0.05, 0.6
+    fake_openai.config.retry_after, fake_openai.config.slow_seconds = 0.05, 2.0
     requests = make_requests(write_pngs(tmp_path / "png", 30))
     cache = tmp_path / "captions.sqlite"
-    summary = caption(requests, fake_openai, cache, timeout=0.3)
+    summary = caption(requests, fake_openai, cache, timeout=1.0)  # a whole attempt, loaded machines too
     # A request the client gave up on (timeout) may still be queued in a server thread on a
     # loaded machine: let stragglers reach the server's log before counting.
     deadline = time.monotonic() + 5.0

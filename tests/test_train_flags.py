@@ -63,3 +63,36 @@ def test_a_final_json_naming_the_old_module_path_still_builds():
     for path in ("training.finetune_nets.EncoderClassifier", "training.finetune.nets.EncoderClassifier"):
         net = build_net({"class": path, "args": args}).eval()
         assert net(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 2)
+
+
+def test_report_to_writes_tensorboard_and_offline_wandb(tmp_path, monkeypatch):
+    from training.loop.errors import TrainingError
+    from training.loop.runlog import MetricsLog, parse_report_to
+
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with MetricsLog(tmp_path, None, report_to="tensorboard,wandb", run_name="clip/t", config={"lr": 0.1}) as log:
+        log.write({"step": 1, "loss": 0.5, "val/i2t_R@1": 0.25})
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))  # offline: nothing left the machine
+    assert runs and list(runs[0].glob("*.wandb"))
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+    with pytest.raises(TrainingError, match="--report-to"):
+        parse_report_to("tensorbord")
+
+
+def test_few_distinct_captions_are_warned_about(caplog):
+    import logging
+
+    from training.clip.train import warn_few_captions
+
+    with caplog.at_level(logging.WARNING, logger="training"):
+        warn_few_captions(["a liver"] * 50 + ["a kidney"] * 50, [f"text {i}" for i in 9 * [0, 1]])
+    text = caplog.text
+    assert "2 distinct captions for 100 pairs" in text and "over 2 distinct texts" in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="training"):
+        warn_few_captions([f"t{i}" for i in range(40)], [f"v{i}" for i in range(25)])
+    assert caplog.text == ""

@@ -31,6 +31,7 @@ from curation.ranking.order import cumcount
 from curation.ranking.stratify import stratify_ranks
 from curation.ranking.vote import global_selection_order, rank_pools
 from curation.slicing.body_mask import body_mask
+from curation.slicing.quality import has_flags
 from curation.store.embed_store import latest_fingerprint, read_table
 from curation.store.fsutil import atomic_write_text
 from curation.store.layout import Workdir
@@ -59,6 +60,7 @@ class RankConfig:
     query: str | None = None  # text for --query (the scores come from the caller)
     query_weight: float = 1.0  # W in [0, 1]: 1 = similarity alone, 0 = votes alone (module doc)
     level: float = 0.05  # foreground level of the body mask (the preprocessing's)
+    include_flagged: bool = False  # rank volumes with quality flags too (default: left out, unranked)
 
 
 @dataclass
@@ -121,6 +123,34 @@ def clip_slice_features(workdir: Path, slices: pd.DataFrame, fingerprint: str | 
 
 
 SliceFn = Callable[[pd.DataFrame], np.ndarray]
+
+
+def flagged_volume_ids(volumes: pd.DataFrame) -> list[str]:
+    """Volumes whose ``quality_flags`` hold a flag (none in manifests written before the column)."""
+    if "quality_flags" not in volumes.columns:
+        return []
+    return sorted(volumes.loc[[has_flags(v) for v in volumes["quality_flags"]], "volume_id"].astype(str))
+
+
+def _hold_flagged(slices: pd.DataFrame, volumes: pd.DataFrame, include: bool) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """(slices to rank, slices of flagged volumes kept unranked, flagged volume ids)."""
+    flagged = flagged_volume_ids(volumes)
+    if include or not flagged:
+        return slices, slices.iloc[:0], flagged
+    out = slices["volume_id"].isin(flagged)
+    return slices[~out].reset_index(drop=True), slices[out].reset_index(drop=True), flagged
+
+
+def _with_held(ranked: pd.DataFrame, held: pd.DataFrame) -> pd.DataFrame:
+    """The ranked rows plus the flagged volumes' rows with empty rank columns (no selection
+    order: `curate caption` never reaches them), in manifest order."""
+    if held.empty:
+        return ranked
+    held = held.copy()
+    for col in ("vote_score", "vote_rank", "selection_order"):
+        held[col] = np.nan
+    both = pd.concat([ranked, held[[c for c in ranked.columns if c in held.columns]]], ignore_index=True)
+    return both.sort_values(["volume_id", "plane_index", "index"], ignore_index=True)
 
 
 def _cohorts(volumes: pd.DataFrame, slices: pd.DataFrame) -> np.ndarray:
@@ -223,7 +253,12 @@ def run_rank(
     volumes = read_manifest(wd.volumes_manifest)
     volumes = volumes[volumes["status"] == "ok"]
     slices = slices[slices["volume_id"].isin(volumes["volume_id"])].reset_index(drop=True)
+    slices, held, flagged = _hold_flagged(slices, volumes, cfg.include_flagged)
     summary = RankSummary(slices=len(slices))
+    summary.extra.update(flagged_volumes=len(flagged), flagged_slices=len(held))
+    if slices.empty and len(held):
+        raise ValueError(f"no slices to rank: all {len(flagged)} volume(s) with slices have quality flags "
+                         "(see quality_flags in manifests/volumes.parquet); pass --include-flagged to rank them anyway")
     if slices.empty:
         raise ValueError("no slices to rank (every volume failed or was empty)")
     n_vol = slices["volume_id"].nunique()
@@ -279,7 +314,7 @@ def run_rank(
     ranked = ranked.sort_values(["volume_id", "plane_index", "index"], ignore_index=True)
     rows = ranked.pop("_row").to_numpy()
     summary.slices_path = write_manifest(
-        ranked,
+        _with_held(ranked, held),
         wd.slices_manifest,
         SLICES_SCHEMA,
         {
@@ -291,6 +326,8 @@ def run_rank(
             "rank_query": "yes" if use_query else "no",  # the text itself may be sensitive
             "rank_query_weight": cfg.query_weight,
             "rank_body_mask": cfg.body_mask,
+            "rank_include_flagged": cfg.include_flagged,
+            "rank_flagged_volumes": len(flagged),
         },
     )
     if cfg.evaluate:

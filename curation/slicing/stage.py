@@ -204,7 +204,16 @@ def run_slice(
 
 
 def _write_volumes(vol_df: pd.DataFrame, path: Path, extra_meta: dict[str, Any] | None = None) -> Path:
-    """volumes.parquet (or a shard's): every writer flags duplicate scans the same way."""
+    """volumes.parquet (or a shard's): every writer flags duplicate scans the same way, and
+    writes ``quality_flags`` as a list (empty for volumes sliced before the flags existed)."""
+    vol_df = vol_df.copy()
+    flags = vol_df["quality_flags"] if "quality_flags" in vol_df.columns else [None] * len(vol_df)
+    import numpy as np
+    import pandas as pd
+
+    vol_df["quality_flags"] = pd.Series(
+        [[str(f) for f in v] if isinstance(v, (list, tuple, np.ndarray)) else [] for v in flags],
+        index=vol_df.index, dtype=object)
     return write_manifest(flag_duplicates(vol_df), path, VOLUMES_SCHEMA, extra_meta)
 
 

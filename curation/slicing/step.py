@@ -24,6 +24,7 @@ from curation.imageio.volume_io import DEFAULT_MAX_VOXELS, VolumeError, load_nif
 from curation.privacy.private_map import PrivateMap
 from curation.slicing.preprocess import PreprocessConfig, guess_modality, preprocess
 from curation.slicing.prestart import WORKER_MODULE
+from curation.slicing.quality import flag_lines, flag_names, nifti_intent, result_flags, source_flags
 from curation.slicing.render import render_volume_slices
 from curation.slicing.resume import done_records
 from curation.slicing.rows import ROWS_VERSION, slice_rows
@@ -276,6 +277,7 @@ def _process_volume(spec: VolumeSpec, cfg: SliceConfig, fp: str) -> list[dict[st
         log.warning("%s", spec.safe_text(note))
 
     records = []
+    intent = nifti_intent(spec.source) if spec.kind != "dicom" else None
     for ch in channels:
         rec = _base_record(spec, ch, cfg)
         arr = data[..., ch] if data.ndim == 4 else data
@@ -293,16 +295,19 @@ def _process_volume(spec: VolumeSpec, cfg: SliceConfig, fp: str) -> list[dict[st
             source_axcodes=loaded.axcodes,
             source_sha256=source_sha,
             notes="; ".join(notes) or None,
+            quality_flags=[],
         )
+        flags = source_flags(arr, tuple(data.shape), modality, name="" if spec.kind == "dicom" else str(spec.source), intent=intent)
         try:
             pre = preprocess(arr, loaded.affine, modality, cfg.pre, label=label, body_region=body_region, name=str(spec.source))
         except VolumeError as exc:
             rec["error"] = str(exc)
+            rec["quality_flags"] = flag_names(flags)
             records.append(rec)
             continue
         vdir = wd.volume_dir(rec["volume_id"])
         try:
-            _write_volume(wd, vdir, rec, pre, spec, cfg, fp)
+            _write_volume(wd, vdir, rec, pre, spec, cfg, fp, flags)
         except OSError as exc:  # disk full, read-only workdir...: the run cannot go on
             where = exc.filename or vdir
             raise WorkdirError(f"{where}: cannot write ({exc.strerror or type(exc).__name__})") from None
@@ -310,7 +315,18 @@ def _process_volume(spec: VolumeSpec, cfg: SliceConfig, fp: str) -> list[dict[st
     return records
 
 
-def _write_volume(wd: Workdir, vdir: Path, rec: dict[str, Any], pre: Any, spec: VolumeSpec, cfg: SliceConfig, fp: str) -> None:
+def _record_flags(rec: dict[str, Any], flags: list[tuple[str, str]], spec: VolumeSpec) -> None:
+    """``quality_flags`` of the record, and one line per flag in its notes and the log."""
+    rec["quality_flags"] = flag_names(flags)
+    lines = [f"{spec.source}: {line}" for line in flag_lines(flags)]
+    for line in lines:
+        log.warning("%s", spec.safe_text(line))
+    if lines:
+        rec["notes"] = "; ".join([rec["notes"], *lines] if rec.get("notes") else lines)
+
+
+def _write_volume(wd: Workdir, vdir: Path, rec: dict[str, Any], pre: Any, spec: VolumeSpec, cfg: SliceConfig, fp: str,
+                  flags: list[tuple[str, str]] | None = None) -> None:
     vdir.mkdir(parents=True, exist_ok=True)
     save_npy(vdir / "volume.npy", pre.volume)
     if pre.label is not None:
@@ -318,7 +334,9 @@ def _write_volume(wd: Workdir, vdir: Path, rec: dict[str, Any], pre: Any, spec: 
         rec["label_volume_path"] = wd.rel(vdir / "label.npy")
         rec["label_path"] = spec.label_display()
     save_display(vdir / "display.npy.zst", pre.display)
-    rows = slice_rows(rec["volume_id"], pre.volume, pre.label, spec.label_names, cfg.pre.foreground_level, cfg.min_foreground)
+    rows = slice_rows(rec["volume_id"], pre.volume, pre.label, spec.label_names, cfg.pre.foreground_level, cfg.min_foreground,
+                      voxel_mm=pre.cube_mm / max(1, pre.volume.shape[0]))
+    _record_flags(rec, [*(flags or []), *result_flags(rows, cfg.pre.grid_size)], spec)
     atomic_write_bytes(wd.volume_rows(rec["volume_id"]), json.dumps(rows).encode())
     rec.update(
         volume_path=wd.rel(vdir / "volume.npy"),

@@ -59,8 +59,12 @@ VOLUMES_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("error", pa.string()),
         ("duplicate_of", pa.string()),  # volume_id of an earlier volume with identical source voxels
-        ("notes", pa.string()),
-        ("part", pa.string()),  # the part of a split DICOM series (echo2, phase, b1000-dir07, t012)  # remarks on an ok volume (label listed but missing, library warnings)
+        ("notes", pa.string()),  # remarks on an ok volume (label listed but missing, library warnings, quality flags)
+        ("part", pa.string()),  # the part of a split DICOM series (echo2, phase, b1000-dir07, t012)
+        # too_few_voxels | statistical_map | constant_intensity | few_intensity_levels |
+        # empty_after_preprocessing (curation.slicing.quality); empty when the volume looks fine.
+        # Older manifests lack the column: readers treat it as no flags.
+        ("quality_flags", pa.list_(pa.string())),
     ]
 )
 
@@ -76,6 +80,9 @@ SLICES_SCHEMA = pa.schema(
         ("mean_intensity", pa.float32()),
         ("std_intensity", pa.float32()),
         ("labels_present", pa.list_(pa.string())),
+        # JSON list per class present (volumes with a label map only): name, area_mm2,
+        # fraction (of the slice's body), side (right|left|midline|bilateral), peak (area / its largest)
+        ("label_regions", pa.string()),
         ("vote_score", pa.float64()),
         ("vote_rank", pa.int32()),
         ("selection_order", pa.int64()),
@@ -159,27 +166,41 @@ def usable_caption_rows(df: pd.DataFrame) -> pd.Series:
     return keep
 
 
-PATH_FLAGS = ("--root", "--label-root")
+# Flags whose value is a file or folder: provenance keeps the flag, never the path (a folder
+# name may be a patient's name, a home folder a user's).
+PATH_FLAGS = ("--root", "--label-root", "--labels", "--list", "--list-file", "--prompt-file", "--prices",
+              "--out", "--output", "--workdir", "--manifest", "--checkpoint", "--clip", "--init",
+              "--embeddings", "--split-file", "--cache-dir", "--label", "--image")
+HIDDEN = "<path>"
+
+
+def _looks_like_path(value: str) -> bool:
+    return "/" in value or "\\" in value or value.startswith(("~", ".")) or os.path.exists(value)
 
 
 def _public_args(args: list[str]) -> list[str]:
-    """The command line for provenance; a pseudonymised run (DICOM, --pseudonymize) keeps its
-    source folders out, since a folder name may be a patient's name."""
-    text = " ".join(args)
-    if "--pseudonymize" not in args and "dicom" not in text.split():
-        return args
+    """The command line for provenance, with every path left out: the value of each path flag
+    (``--root DIR`` and ``--root=DIR`` alike, wherever it stands) and any other argument that
+    looks like a path."""
     out, hide = [], False
-    for arg in args:
+    for arg in map(str, args):
         if hide:
-            out.append("<path>")
+            out.append(HIDDEN)
             hide = False
-        elif arg in PATH_FLAGS:
+            continue
+        flag, eq, value = arg.partition("=")
+        if arg.startswith("--") and flag in PATH_FLAGS:
+            if eq:
+                out.append(f"{flag}={HIDDEN}")
+            else:
+                out.append(arg)
+                hide = True
+        elif arg.startswith("--") and eq:
+            out.append(f"{flag}={HIDDEN}" if _looks_like_path(value) else arg)
+        elif arg.startswith("-"):
             out.append(arg)
-            hide = True
-        elif arg.startswith(tuple(f + "=" for f in PATH_FLAGS)):
-            out.append(arg.split("=", 1)[0] + "=<path>")
         else:
-            out.append(arg)
+            out.append(HIDDEN if _looks_like_path(arg) else arg)
     return out
 
 

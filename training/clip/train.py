@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from captions.offline.diversity import FEW_DISTINCT, caption_diversity
 from curation.store.layout import Workdir
 from training.clip.config import RESUME_POLICY, ClipTrainConfig
 from training.clip.data import ClipPairs, EpochSampler, read_pairs
@@ -34,10 +35,12 @@ from training.clip.retrieval import evaluate
 from training.loop.checkpoint import LATEST, config_dict, resolve_resume, save, warn_if_overwriting
 from training.loop.distributed import resolve_device, unwrap
 from training.loop.errors import TrainingError, input_errors
-from training.loop.optim import adamw, set_hparams, warmup_cosine
+from training.loop.optim import adamw
 from training.loop.precision import Precision, resolve_precision
+from training.loop.progress import StepProgress
 from training.loop.rng import rng_state, seed_all, set_rng_state
 from training.loop.runlog import MetricsLog, recall_line, val_metrics
+from training.loop.state import optimizer_state, restore_optimizer, scheduled_lr
 from training.models.clip_models import (
     CHECKPOINT_FORMAT,
     HF_HUB_PREFIX,
@@ -62,6 +65,19 @@ class ClipTrainResult:
     val_metrics: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)  # this run's metrics.jsonl rows
     seconds: float = 0.0
+
+
+def warn_few_captions(train: Any, val: Any) -> None:
+    """Warn when the captions cannot teach or measure much: few distinct texts to learn from, or
+    a held-out recall computed over fewer than ``FEW_DISTINCT`` distinct texts (R@10 of 9 texts is 1)."""
+    tr, va = caption_diversity(train), caption_diversity(val)
+    if tr["total"] and tr["distinct"] < FEW_DISTINCT:
+        log.warning("the train split has %d distinct captions for %d pairs: a contrastive model learns little "
+                    "from so few texts (richer captions: curate caption --provider openai, or more labels)",
+                    tr["distinct"], tr["total"])
+    if va["total"] and va["distinct"] < FEW_DISTINCT:
+        log.warning("held-out recall is computed over %d distinct texts (fewer than %d): read R@k with that in "
+                    "mind (chance R@1 is about 1/%d)", va["distinct"], FEW_DISTINCT, va["distinct"])
 
 
 def train_clip(cfg: ClipTrainConfig) -> ClipTrainResult:
@@ -104,6 +120,7 @@ class ClipTrainer:
             self.train_df = read_pairs(self.workdir, cfg.manifest, "train")
             self.val_df = read_pairs(self.workdir, cfg.manifest, "val")
         self.cfg, self.clip, self.model = cfg, clip, clip.model
+        warn_few_captions(self.train_df["caption"], self.val_df["caption"])
         if cfg.lock_image:
             self.model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
         if cfg.lock_text:
@@ -135,13 +152,7 @@ class ClipTrainer:
         self.base_metrics = state.get("base_metrics", {})
         self.val_metrics = state.get("metrics", {})
         if "optimizer" in state:
-            try:
-                self.optimizer.load_state_dict(state["optimizer"])
-            except ValueError as e:
-                raise TrainingError(f"{path}: its optimizer state does not fit this model ({e})") from e
-            set_hparams(self.optimizer, self.cfg.lr, self.cfg.wd)  # this run's config wins
-            if state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
+            restore_optimizer(state, self.optimizer, self.scaler, self.cfg.lr, self.cfg.wd, path)
             set_rng_state(state["rng"])
         else:
             log.warning("%s holds no optimizer state; the optimizer starts fresh", path)
@@ -166,12 +177,12 @@ class ClipTrainer:
             "base_metrics": self.base_metrics, "step": self.step, "epoch": epoch, "metrics": self.val_metrics,
         }
         if full:
-            extra.update(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), rng=rng_state())
+            extra.update(**optimizer_state(self.optimizer, self.scaler), rng=rng_state())
         ckpt = checkpoint_dict(self.model, self.clip.name, self.clip.model_cfg, **extra)
         save(ckpt, path)
         return ckpt
 
-    def _epoch(self, epoch: int, stop_at: int) -> tuple[list[float], float]:
+    def _epoch(self, epoch: int, stop_at: int, bar: StepProgress) -> tuple[list[float], float]:
         """Train from the current step to the end of ``epoch`` (or ``stop_at``): (finite losses, last lr)."""
         cfg, spe = self.cfg, self.steps_per_epoch
         done_batches = (self.step % spe) * cfg.accum_freq
@@ -183,17 +194,17 @@ class ClipTrainer:
         lr = cfg.lr
         while self.step < stop_at and self.step // spe == epoch:
             chunk = list(itertools.islice(batches, cfg.accum_freq))
-            lr = cfg.lr * warmup_cosine(self.step, cfg.warmup, self.total_steps)
-            set_hparams(self.optimizer, lr)
+            lr = scheduled_lr(self.optimizer, cfg.lr, self.step, cfg.warmup, self.total_steps)
             loss = train_step(self.model, chunk, self.loss_fn, self.optimizer, self.scaler, self.device,
                               self.precision, cfg.grad_clip_norm)
             self.step += 1
+            bar.update(self.step, loss)
             if math.isfinite(loss):
                 losses.append(loss)
-            if cfg.log_every and self.step % cfg.log_every == 0:
-                log.info("step %d/%d loss %.4f lr %.2e", self.step, self.total_steps, loss, lr)
             else:
                 log.warning("non-finite loss at step %d; update skipped", self.step)
+            if cfg.log_every and self.step % cfg.log_every == 0:
+                log.info("step %d/%d loss %.4f lr %.2e", self.step, self.total_steps, loss, lr)
         return losses, lr
 
     def run(self) -> ClipTrainResult:
@@ -201,7 +212,8 @@ class ClipTrainer:
         cfg, spe = self.cfg, self.steps_per_epoch
         stop_at = self.total_steps if cfg.stop_after is None else min(self.total_steps, cfg.stop_after)
         history: list[dict[str, Any]] = []
-        with MetricsLog(self.dir, resume_step=self.step if self.resumed else None) as metrics:
+        with MetricsLog(self.dir, resume_step=self.step if self.resumed else None, report_to=cfg.report_to,
+                        run_name=f"clip/{cfg.name or 'default'}", config=config_dict(cfg)) as metrics:
             def record(row: dict[str, Any]) -> None:
                 history.append(row)
                 metrics.write(row)
@@ -212,22 +224,23 @@ class ClipTrainer:
                 log.info("base model (%s, pretrained=%s): val %s", self.clip.name, cfg.pretrained,
                          recall_line(self.base_metrics) or "(no val split)")
             self.model.train()
-            while self.step < stop_at:
-                epoch, t_epoch = self.step // spe, time.time()
-                losses, lr = self._epoch(epoch, stop_at)
-                if self.step % spe and self.step < self.total_steps:
-                    continue  # stopped mid-epoch (stop_after)
-                self.val_metrics = self.evaluate()
-                n_epoch = -(-self.step // spe)  # a last, partial epoch (--steps) counts
-                loss = sum(losses) / len(losses) if losses else float("nan")
-                record({"step": self.step, "epoch": n_epoch, "loss": loss, "lr": lr,
-                        "logit_scale": float(unwrap(self.model).logit_scale.detach().exp()),
-                        "seconds": round(time.time() - t_epoch, 2), **val_metrics(self.val_metrics)})
-                log.info("epoch %d/%d step %d/%d loss %.4f lr %.2e val %s", n_epoch, self.epochs, self.step,
-                         self.total_steps, loss, lr, recall_line(self.val_metrics))
-                self.save(self.dir / f"epoch_{n_epoch}.pt", full=False, epoch=n_epoch)
-                if self.step < stop_at:
-                    self.save(self.dir / LATEST, full=True, epoch=n_epoch)
+            with StepProgress("train clip", self.total_steps, self.step, enabled=cfg.progress) as bar:
+                while self.step < stop_at:
+                    epoch, t_epoch = self.step // spe, time.time()
+                    losses, lr = self._epoch(epoch, stop_at, bar)
+                    if self.step % spe and self.step < self.total_steps:
+                        continue  # stopped mid-epoch (stop_after)
+                    self.val_metrics = self.evaluate()
+                    n_epoch = -(-self.step // spe)  # a last, partial epoch (--steps) counts
+                    loss = sum(losses) / len(losses) if losses else float("nan")
+                    record({"step": self.step, "epoch": n_epoch, "loss": loss, "lr": lr,
+                            "logit_scale": float(unwrap(self.model).logit_scale.detach().exp()),
+                            "seconds": round(time.time() - t_epoch, 2), **val_metrics(self.val_metrics)})
+                    log.info("epoch %d/%d step %d/%d loss %.4f lr %.2e val %s", n_epoch, self.epochs, self.step,
+                             self.total_steps, loss, lr, recall_line(self.val_metrics))
+                    self.save(self.dir / f"epoch_{n_epoch}.pt", full=False, epoch=n_epoch)
+                    if self.step < stop_at:
+                        self.save(self.dir / LATEST, full=True, epoch=n_epoch)
 
         ckpt = self.save(self.dir / LATEST, full=True, epoch=self.step // spe)
         final = None

@@ -13,7 +13,7 @@ from training.loop.resume import ResumePolicy
 RESUME_POLICY = ResumePolicy(
     refuse=("task", "encoder", "init", "where", "labels", "train_fraction", "encoder_kwargs", "img_size",
             "feature_size", "seed"),
-    allow=("workdir", "resume", "name", "workers", "log_every", "ckpt_every", "device", "progress", "tensorboard", "stop_after"),
+    allow=("workdir", "resume", "name", "workers", "log_every", "ckpt_every", "device", "progress", "report_to", "stop_after"),
 )
 
 
@@ -48,4 +48,4 @@ class FinetuneConfig:
     ckpt_every: int = 500
     device: str = "auto"
     progress: bool = True
-    tensorboard: bool = False
+    report_to: str = ""  # tensorboard and/or wandb, comma-separated

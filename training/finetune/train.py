@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from curation.store.fsutil import atomic_write_text
 from curation.store.layout import Workdir
@@ -29,14 +28,16 @@ from training.finetune.config import RESUME_POLICY, FinetuneConfig
 from training.finetune.data import VolumeSet, batch_indices, read_labels, seg_classes, select_volumes, train_subset
 from training.finetune.evaluate import evaluate_cls, evaluate_seg, seg_loss
 from training.finetune.nets import build_net, encoder_config_for, final_description, load_encoder, net_spec, read_init
-from training.loop.checkpoint import config_dict, point_latest, resolve_resume, save, warn_if_overwriting
+from training.loop.checkpoint import config_dict, resolve_resume, save, warn_if_overwriting
 from training.loop.distributed import resolve_device
 from training.loop.errors import TrainingError
-from training.loop.optim import adamw, set_hparams, warmup_cosine
+from training.loop.optim import adamw, warmup_cosine
 from training.loop.precision import resolve_precision
 from training.loop.prefetch import step_batches
+from training.loop.progress import StepProgress
 from training.loop.rng import rng_state, seed_all, set_rng_state
 from training.loop.runlog import MetricsLog
+from training.loop.state import optimizer_state, restore_optimizer, save_step, scheduled_lr
 
 log = logging.getLogger(__name__)
 
@@ -173,25 +174,19 @@ class Finetuner:
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.net.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
         self.step = int(ckpt["step"])
-        set_hparams(self.optimizer, self._lr(), self.cfg.wd)
+        restore_optimizer(ckpt, self.optimizer, self.scaler, self._lr(), self.cfg.wd, self.last_ckpt)
+        set_rng_state(ckpt["rng"])
         log.info("resumed %s at step %d/%d", self.last_ckpt, self.step, self.total)
 
     def _lr(self) -> float:
         return self.cfg.lr * warmup_cosine(self.step, self.cfg.warmup, self.total)
 
     def _save(self) -> Path:
-        ckpt = {"format": CKPT_FORMAT, "step": self.step, "total_steps": self.total,
-                "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                "rng": rng_state(), "config": config_dict(self.cfg), "spec": json.loads(json.dumps(self.spec))}
-        path = save(ckpt, self.dir / f"step_{self.step}.pt")
-        point_latest(path)
-        return path
+        ckpt = {"format": CKPT_FORMAT, "step": self.step, "total_steps": self.total, "model": self.net.state_dict(),
+                **optimizer_state(self.optimizer, self.scaler), "rng": rng_state(), "config": config_dict(self.cfg),
+                "spec": json.loads(json.dumps(self.spec))}
+        return save_step(ckpt, self.dir, self.step)
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The training batch of optimizer step ``step`` (a function of seed and step alone)."""
@@ -228,20 +223,18 @@ class Finetuner:
         start = self.step
         end = min(self.total, cfg.stop_after) if cfg.stop_after is not None else self.total
         losses: list[float] = []
-        progress = Progress(TextColumn(f"finetune {self.name}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), disable=not cfg.progress)
+        progress = StepProgress(f"finetune {self.name}", self.total, start, enabled=cfg.progress)
         metrics: dict[str, Any] = {}
         with progress, MetricsLog(self.dir, resume_step=start if self.resumed else None,
-                                  tensorboard=cfg.tensorboard) as mlog:
-            task = progress.add_task("finetune", total=self.total, completed=start, loss="-")
+                                  report_to=cfg.report_to, run_name=f"finetune/{self.name}",
+                                  config=config_dict(cfg)) as mlog:
             batches = step_batches(self._batch, start, end, cfg.workers, pin_memory=self.device.type == "cuda")
             for batch in batches:
-                lr = self._lr()
-                set_hparams(self.optimizer, lr)
+                lr = scheduled_lr(self.optimizer, cfg.lr, self.step, cfg.warmup, self.total)
                 loss = self._train_step(batch)
                 self.step += 1
                 losses.append(loss)
-                progress.update(task, completed=self.step, loss=f"{loss:.4f}")
+                progress.update(self.step, loss)
                 if self.step % cfg.log_every == 0 or self.step == end:
                     mlog.write({"step": self.step, "epoch": (self.step - 1) // self.per_epoch, "loss": loss, "lr": lr})
                 if self.step % cfg.ckpt_every == 0 or self.step == end:

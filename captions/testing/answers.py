@@ -1,4 +1,4 @@
-"""What the fake server (``captions.fake_server``) answers to one chat request, as the real
+"""What the fake server (``captions.testing.server``) answers to one chat request, as the real
 services do: OpenAI's strict checks for reasoning models, reasoning-token accounting, and the
 open-model flavours (vLLM, SGLang, Ollama, LMDeploy) with their own error bodies, missing usage,
 ignored ``detail`` and a context length that large images overflow.
