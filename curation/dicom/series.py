@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from curation.privacy.scrub import one_line
+from curation.privacy.scrub import Scrubber, one_line
 
 
 def series_key(uid: str) -> str:
@@ -49,14 +49,23 @@ class DicomSeries:
             return Path(".")
         return Path(os.path.commonpath([str(p.parent) for p in self.files]))
 
-    def name(self) -> str:
-        """'series 5 "T1 MPRAGE" part echo2' (the description unscrubbed: callers scrub it)."""
-        words = [f"series {self.number or '?'}"]
-        if self.description:
-            words.append(f'"{one_line(self.description, 64)}"')
+    def name(self, scrubbed: bool = False) -> str:
+        """'series 5 "T1 MPRAGE" part echo2'. The description is free text, unscrubbed: callers
+        pass the line through `VolumeSpec.safe_text` / a generic `Scrubber` (or use
+        ``name(scrubbed=True)``)."""
+        words = [f"series {one_line(self.number, 16) or '?'}"]
+        description = self.safe_description() if scrubbed else self.description
+        if description:
+            words.append(f'"{one_line(description, 64)}"')
         if self.part:
             words.append(f"part {self.part}")
         return " ".join(words)
+
+    def safe_description(self) -> str:
+        """SeriesDescription without identifiers (this patient's or anything shaped like one)."""
+        if not self.description:
+            return ""
+        return Scrubber(self.identifiers, generic=True)(self.description, keep_hashes=False)
 
 
 class SeriesList(list):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from curation.imageio.nib import nib
-from curation.imageio.volume_io import LoadedVolume, VolumeError, load_nifti
+from curation.imageio.volume_io import LoadedVolume, VolumeError, check_files, load_nifti
 
 AFFINE_TOLERANCE_VOXELS = 0.25  # label and image grids may disagree by at most this (corner shift)
 INTEGER_TOLERANCE = 1e-3  # stored 2.0000001 is 2; 1.7 is not a class
@@ -25,6 +25,7 @@ def _squeeze(data: np.ndarray) -> np.ndarray:
 
 def header_shape(path: Path) -> tuple[int, ...]:
     """The label's shape from its header alone (no voxels read)."""
+    check_files(path, "label")
     try:
         return tuple(int(v) for v in nib.load(str(path)).shape)
     except Exception as exc:  # nibabel raises many types on malformed headers

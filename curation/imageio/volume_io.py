@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -11,7 +12,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from curation.imageio.files import regular_fault, shown
 from curation.imageio.nib import nib
+from curation.imageio.nifti_guard import header_fault
 
 try:  # Intel ISA-L's inflate: a dependency where it has wheels (pyproject marker)
     from isal import igzip as _gzip
@@ -53,6 +56,42 @@ MAX_DEFLATE_RATIO = 1100  # deflate cannot expand data by more than ~1032x
 def is_nifti_path(path: Path) -> bool:
     name = path.name.lower()
     return not name.startswith("._") and name.endswith(NIFTI_SUFFIXES) and not name.endswith(".hdr")
+
+
+def companions(path: Path) -> list[Path]:
+    """The files nibabel opens for ``path``: itself, and the other half of an .hdr/.img pair."""
+    name = path.name
+    low = name.lower()
+    for a, b in ((".img", ".hdr"), (".hdr", ".img"), (".img.gz", ".hdr.gz"), (".hdr.gz", ".img.gz")):
+        if low.endswith(a):
+            stem = name[: -len(a)]
+            return [path, *[path.with_name(stem + ext) for ext in {b, b.upper()} if (path.parent / (stem + ext)).exists()
+                            or os.path.islink(path.parent / (stem + ext))]]
+    return [path]
+
+
+def check_files(path: Path, what: str = "image") -> None:
+    """Before anything opens ``path`` (and its pair file): each must be a regular file (a FIFO
+    would block the reader forever), and a NIfTI header must not make the reader inflate more
+    than `MAX_HEADER_BYTES` before the voxels. VolumeError (one line naming the file) if not."""
+    for f in companions(Path(path)):
+        fault = regular_fault(f)
+        if fault == "missing" and f != path:
+            continue
+        if fault:
+            raise VolumeError(f"{shown(f)}: {what} file is {fault}")
+    low = Path(path).name.lower()
+    if low.endswith((".nii", ".nii.gz", ".hdr", ".hdr.gz", ".img", ".img.gz")):
+        header = Path(path)
+        if low.endswith((".img", ".img.gz")):
+            header = next((f for f in companions(header)[1:]), header)
+        try:
+            with (_gzip.open(header, "rb") if header.name.lower().endswith(".gz") else open(header, "rb")) as fh:
+                fault = header_fault(fh)
+        except (OSError, EOFError, ValueError):
+            return  # not gzip / unreadable: nibabel's own error names the fault
+        if fault:
+            raise VolumeError(f"{shown(header)}: {fault}")
 
 
 def _data_file(img: Any, path: Path) -> Path:
@@ -107,6 +146,7 @@ def load_nifti(path: str | Path, mmap: bool = False, max_voxels: int | None = DE
     with warnings.catch_warnings(record=True) as caught, _nibabel_log() as logged:
         warnings.simplefilter("always")
         try:
+            check_files(path, "label" if label else "image")
             img = nib.load(str(path), mmap=mmap)
             check_declared_size(img, path, max_voxels)
             affine = np.asarray(img.affine, dtype=np.float64)

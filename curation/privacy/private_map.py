@@ -10,15 +10,38 @@ from the sources found on disk); `curate lookup` reads it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import secrets
-from typing import Any
+import stat
+from pathlib import Path
+from typing import IO, Any
 
 from curation.store.layout import Workdir
 
 _SEEN: dict[tuple[str, int], set[str]] = {}  # per process: lines already in the file
+
+
+class PrivateMapError(OSError):
+    """The private folder or file is not safe to use (one line naming it and the fault)."""
+
+
+def _check_owner_only(path: Path, st: os.stat_result, kind: str) -> None:
+    """Refuse what someone else owns or could write (a planted key or map is never adopted)."""
+    if kind == "folder" and not stat.S_ISDIR(st.st_mode):
+        raise PrivateMapError(f"{path}: expected the private folder, found something else; move it away")
+    if kind == "file" and not stat.S_ISREG(st.st_mode):
+        raise PrivateMapError(f"{path}: the private map is not a regular file; move it away")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise PrivateMapError(f"{path}: the private {kind} belongs to another user (uid {st.st_uid}); "
+                              "refusing to use it: move it away")
+    loose = 0o022 if kind == "folder" else 0o077
+    if st.st_mode & loose:
+        fix = "chmod 700" if kind == "folder" else "chmod 600"
+        raise PrivateMapError(f"{path}: the private {kind} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); "
+                              f"refusing to use it: check its contents, then {fix} it or move it away")
 
 
 class PrivateMap:
@@ -27,11 +50,44 @@ class PrivateMap:
     def __init__(self, workdir: str | os.PathLike) -> None:
         self.path = Workdir(workdir).private_map
 
+    def _check_folder(self) -> None:
+        folder = self.path.parent
+        try:
+            st = os.lstat(folder)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(st.st_mode):
+            raise PrivateMapError(f"{folder}: the private folder is a symbolic link; refusing to use it: move it away")
+        _check_owner_only(folder, st, "folder")
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.chmod(folder, 0o700)  # ours and not writable by others: only tightened
+
+    def _open(self, mode: str = "r") -> IO[str]:
+        """The map opened without following links, after checking it is ours and owner-only."""
+        self._check_folder()
+        flags = (os.O_RDONLY if mode == "r" else os.O_WRONLY | os.O_APPEND) | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(self.path, flags | getattr(os, "O_NONBLOCK", 0))
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EMLINK):
+                raise PrivateMapError(f"{self.path}: the private map is a symbolic link; refusing to use it: "
+                                      "move it away") from None
+            raise
+        try:
+            _check_owner_only(self.path, os.fstat(fd), "file")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return os.fdopen(fd, mode, encoding="utf-8", errors="replace" if mode == "r" else "strict")
+
     def key(self) -> bytes:
-        """The workdir's id key, created (owner-only) on first use."""
-        if not self.path.exists():
+        """The workdir's id key, created (owner-only) on first use; a private folder or map that
+        another user owns or could write is refused (`PrivateMapError`), never adopted."""
+        self._check_folder()
+        if not os.path.lexists(self.path):
             self._create()
-        with open(self.path, encoding="utf-8") as fh:
+        with self._open() as fh:
             first = fh.readline()
         try:
             return bytes.fromhex(json.loads(first)["key"])
@@ -40,8 +96,12 @@ class PrivateMap:
                           "or move it away (new ids for pseudonymised volumes)") from None
 
     def _create(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.path.parent, 0o700)
+        self.path.parent.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(self.path.parent, 0o700)
+        except FileExistsError:
+            pass
+        self._check_folder()
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -67,7 +127,7 @@ class PrivateMap:
         new = [ln for ln in dict.fromkeys(lines) if ln not in seen]
         if not new:
             return
-        with open(self.path, "a", encoding="utf-8") as fh:
+        with self._open("a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 fh.write("".join(ln + "\n" for ln in new))
@@ -78,10 +138,10 @@ class PrivateMap:
 
     def entries(self) -> list[dict[str, Any]]:
         """Every entry (after the key line), oldest first; torn or foreign lines skipped."""
-        if not self.path.exists():
+        if not os.path.lexists(self.path):
             return []
         out = []
-        with open(self.path, encoding="utf-8", errors="replace") as fh:
+        with self._open() as fh:
             fh.readline()
             for line in fh:
                 try:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -63,9 +65,13 @@ def input_id(path: Path) -> str:
     so that neither its path nor its name (which may carry identifiers) is ever shown."""
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
-            h.update(fh.read(1 << 20))
-        h.update(str(path.stat().st_size).encode())
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode):  # never open a FIFO (it would block) or follow a link out
+            with open(path, "rb") as fh:
+                h.update(fh.read(1 << 20))
+            h.update(str(st.st_size).encode())
+        else:
+            h.update(f"special|{st.st_dev}|{st.st_ino}|{stat.S_IFMT(st.st_mode)}".encode())
     except OSError:
         h.update(b"unreadable")
     return f"input-{h.hexdigest()[:12]}"
@@ -86,7 +92,7 @@ def dicom_tree(root: Path, dataset: str = "dicom", series_parts: str = "anatomic
     from curation.dicom.load import find_series
 
     found = find_series(root, series_parts=series_parts, cache_dir=cache_dir, id_key=id_key)
-    everyone = Scrubber([i for series in found for i in series.identifiers])
+    everyone = Scrubber([i for series in found for i in series.identifiers], generic=True)
     problems: list[tuple[Path, str]] = []
     sources: dict[str, str] = {}  # id -> real path, for the private map only
     for p, reason in getattr(found, "skipped", []):
@@ -96,8 +102,8 @@ def dicom_tree(root: Path, dataset: str = "dicom", series_parts: str = "anatomic
     for series, why in getattr(found, "skipped_series", []):
         name = f"series-{series.series_key[:12]}"
         sources[name] = str(Path(series.files[0]).parent)
-        problems.append((Path(name), redact(f"skipped: {series.name()} is a {why}, not a volume", [],
-                                            Scrubber(series.identifiers))))
+        problems.append((Path(name), redact(f"skipped: {series.name(scrubbed=True)} is a {why}, not a volume", [],
+                                            Scrubber(series.identifiers, generic=True))))
     specs = []
     for series in found:
         first = Path(series.files[0]).parent
@@ -105,8 +111,8 @@ def dicom_tree(root: Path, dataset: str = "dicom", series_parts: str = "anatomic
         if (series.modality or "").upper() in NON_IMAGE_MODALITIES:
             name = f"series-{series.series_key[:12]}"
             sources[name] = str(first)
-            problems.append((Path(name), redact(f"skipped: {series.name()} is a {series.modality} object, "
-                                                "not an image volume", [], Scrubber(series.identifiers))))
+            problems.append((Path(name), redact(f"skipped: {series.name(scrubbed=True)} is a {series.modality} object, "
+                                                "not an image volume", [], Scrubber(series.identifiers, generic=True))))
             continue
         modality = normalise_modality(series.modality)
         body_region = dicom_body_region(series.files[0])

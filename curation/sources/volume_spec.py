@@ -78,7 +78,8 @@ class VolumeSpec:
 
     def safe_text(self, text: str) -> str:
         """``text`` on one line with this spec's real paths replaced by pseudonyms and the
-        patient's identifiers scrubbed (a no-op besides one-lining for plain specs)."""
+        patient's identifiers, and anything shaped like one, scrubbed (a no-op besides
+        one-lining for plain specs)."""
         if not self.pseudonymous:
             return redact(text, [])
         files = [Path(f) for f in (self.series.files if self.series is not None else [])]
@@ -95,7 +96,8 @@ class VolumeSpec:
             reps += [(folder, self.display_path), (str(Path(folder).resolve()), self.display_path)]
         if self.rel_path:
             reps.append((self.rel_path.split("#")[0], self.display_path))
-        return redact(text, reps, self.scrubber)
+        # header free text may hold identifiers the name fields lack: scrub what looks like one
+        return redact(text, reps, (self.scrubber or Scrubber()).with_generic())
 
 
 def slug(text: str) -> str:

@@ -11,9 +11,44 @@ import pandas as pd
 from curation.store.layout import Workdir
 from curation.store.manifest import release_manifests
 
+READ_ONLY_STATEMENTS = {"SELECT"}  # WITH ... SELECT, DESCRIBE, SHOW and SUMMARIZE parse as SELECT
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def locked_down(con: duckdb.DuckDBPyConnection, readable: list[Path] | tuple = ()) -> duckdb.DuckDBPyConnection:
+    """No file, network or extension access from SQL any more (``readable`` files excepted),
+    and no way to change that back: DuckDB's ``enable_external_access=false`` and
+    ``lock_configuration=true``."""
+    if readable:
+        con.execute(f"SET allowed_paths = [{', '.join(_quote(str(p)) for p in readable)}]")
+    for setting in ("autoinstall_known_extensions", "autoload_known_extensions", "enable_external_access"):
+        con.execute(f"SET {setting} = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """``sql`` must be one query (SELECT, WITH ... SELECT, DESCRIBE, SHOW, SUMMARIZE); ValueError
+    (one line) for anything else: several statements, COPY, ATTACH, INSTALL/LOAD, PRAGMA, SET,
+    CREATE, INSERT, EXPORT ..."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise ValueError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    if len(statements) != 1:
+        raise ValueError(f"curate query runs one SELECT statement, got {len(statements)} statements")
+    kind = str(statements[0].type).rsplit(".", 1)[-1]
+    if kind not in READ_ONLY_STATEMENTS:
+        raise ValueError(f"curate query is read-only: {kind} statements are refused (use SELECT ... FROM volumes, "
+                         "slices, captions)")
+
 
 def connect(workdir: Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with views ``volumes``, ``slices`` and ``captions`` (latest release)."""
+    """An in-memory DuckDB with views ``volumes``, ``slices`` and ``captions`` (latest release),
+    locked down: SQL can read these manifests and nothing else on the machine."""
     con = duckdb.connect(":memory:")
     wd = Workdir(workdir)
     views = {"volumes": wd.volumes_manifest, "slices": wd.slices_manifest}
@@ -25,16 +60,20 @@ def connect(workdir: Path) -> duckdb.DuckDBPyConnection:
     cache_pq = wd.caption_table
     if cache_pq.exists():
         views["caption_cache"] = cache_pq
+    readable = []
     for name, path in views.items():
         if path.exists():
-            quoted = str(path).replace("'", "''")
-            con.execute(f"CREATE VIEW \"{name}\" AS SELECT * FROM read_parquet('{quoted}')")
-    return con
+            real = Path(path).resolve()
+            readable.append(real)
+            con.execute(f"CREATE VIEW \"{name}\" AS SELECT * FROM read_parquet({_quote(str(real))})")
+    return locked_down(con, sorted(set(readable)))
 
 
 def run_query(workdir: Path, sql: str) -> pd.DataFrame:
+    """The result of one read-only query (`check_read_only`) over the manifests."""
     con = connect(workdir)
     try:
+        check_read_only(con, sql)
         return con.execute(sql).df()
     finally:
         con.close()

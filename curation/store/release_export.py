@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from curation.privacy.scrub import one_line
 from curation.store.fsutil import atomic_path, atomic_write_text
 from curation.store.layout import Workdir
 from curation.store.manifest import read_manifest, release_manifests, resolve_manifest, usable_caption_rows
@@ -78,15 +81,16 @@ def export_release(workdir: str | Path, manifest: str | Path | None = None, fmt:
     result = ExportResult(manifest=path, out=Path(out) if out else wd.exports / f"{path.stem}-{fmt}")
     result.out.mkdir(parents=True, exist_ok=True)
     sizes: dict[str, int] = {}
+    root = wd.root.resolve()
     for split, _ in SPLITS:
         rows = df[df["split"] == split]
         present = []
         for row in rows.to_dict("records"):
-            image = wd.root / row["image_path"]
-            if image.is_file():
-                present.append((row, image))
+            image, problem = _inside_workdir(root, row.get("image_path"))
+            if problem:
+                result.errors.append(f"{one_line(row.get('slice_id'), 120)}: {problem}; left out")
             else:
-                result.errors.append(f"{image}: slice PNG missing; {row['slice_id']} left out")
+                present.append((row, image))
         result.rows[split] = len(present)
         if fmt == "csv":
             result.files.append(_write_csv(result.out / f"{split}.csv", present))
@@ -99,6 +103,26 @@ def export_release(workdir: str | Path, manifest: str | Path | None = None, fmt:
     if fmt == "webdataset":
         atomic_write_text(result.out / "sizes.json", json.dumps(sizes, indent=1))
     return result
+
+
+def _inside_workdir(root: Path, value: object) -> tuple[Path, str]:
+    """The slice PNG ``value`` names (relative to the workdir), resolved, or why it is refused:
+    an absolute path, ``..`` or a link leading out of the workdir, a missing or special file."""
+    if not isinstance(value, str) or not value.strip():
+        return root, "no image_path"
+    rel = Path(value)
+    if rel.is_absolute() or ".." in rel.parts:
+        return root, "image_path is not inside the workdir (absolute or '..'); refused"
+    image = (root / rel).resolve()
+    if image != root and root not in image.parents:
+        return root, "image_path leads outside the workdir (a link); refused"
+    try:
+        st = os.stat(image)
+    except OSError:
+        return root, f"slice PNG {one_line(value, 200)} missing"
+    if not stat.S_ISREG(st.st_mode):
+        return root, f"slice PNG {one_line(value, 200)} is not a regular file; refused"
+    return image, ""
 
 
 def _write_csv(path: Path, present: list[tuple[dict, Path]]) -> Path:

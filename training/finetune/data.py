@@ -28,19 +28,53 @@ from curation.store.splits import case_splits
 from training.loop.errors import TrainingError
 
 
+def _balanced(text: str) -> bool:
+    """Parentheses balance and no ``;`` outside quoted strings and identifiers."""
+    depth, quote = 0, ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == ";":
+            return False
+        elif ch in "()":
+            depth += 1 if ch == "(" else -1
+            if depth < 0:
+                return False
+    return depth == 0 and not quote
+
+
+def where_clause(where: str) -> str:
+    """``--where`` as one boolean SQL expression, re-written by DuckDB's own parser (so nothing
+    but that expression reaches the query); TrainingError (one line) for anything else, e.g.
+    ``TRUE) OR (TRUE`` or ``1=1); COPY ...``."""
+    text = where.strip()
+    if not _balanced(text):
+        raise TrainingError(f"--where {where!r}: not one expression (unbalanced parentheses, quotes or a ';')")
+    parse = getattr(duckdb, "SQLExpression", None)
+    if parse is None:  # an older DuckDB: the checks above, then one locked-down SELECT (run_query)
+        return text
+    try:
+        return str(parse(text))
+    except duckdb.Error as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TrainingError(f"--where {where!r}: not one SQL expression ({first})") from None
+
+
 def select_volumes(workdir: str | Path, where: str | None) -> pd.DataFrame:
-    """The usable (status ok) volumes matching ``where`` (DuckDB SQL over ``volumes``), sorted by
-    volume_id, each with its ``split``."""
+    """The usable (status ok) volumes matching ``where`` (one DuckDB boolean expression over the
+    columns of ``volumes``, run read-only), sorted by volume_id, each with its ``split``."""
     wd = Workdir(workdir)
     if not wd.volumes_manifest.exists():
         raise TrainingError(f"{wd.volumes_manifest}: no volumes manifest (run `curate slice` first)")
     everything = read_manifest(wd.volumes_manifest)
-    sql = "SELECT * FROM volumes WHERE status = 'ok'" + (f" AND ({where})" if where else "")
+    sql = "SELECT * FROM volumes WHERE status = 'ok'" + (f" AND ({where_clause(where)})" if where and where.strip() else "")
     try:
         rows = run_query(Path(workdir), sql)
-    except duckdb.Error as e:
-        first = str(e).strip().splitlines()[0]
-        raise TrainingError(f"--where {where!r}: {first}") from e
+    except (duckdb.Error, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TrainingError(f"--where {where!r}: {first}") from None
     splits = case_splits(everything)
     rows = rows.sort_values("volume_id", kind="stable").reset_index(drop=True)
     rows["split"] = rows["case_id"].astype(str).map(splits)
