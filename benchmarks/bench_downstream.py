@@ -116,7 +116,7 @@ def pretrain_variant(w: Path, variant: str, size: Size) -> Path:
                          batch_size=size.pretrain_batch, lr=3e-4, warmup=max(1, size.pretrain_steps // 10),
                          precision="fp32" if size.device == "cpu" else "amp", workers=0, num_queries=16,
                          psat_width=64, psat_layers=1, psat_heads=4, use_psat=variant != "no-psat",
-                         use_pspe=variant != "no-pspe", progress=False, tensorboard=False, device=size.device,
+                         use_pspe=variant != "no-pspe", progress=False, device=size.device,
                          log_every=max(1, size.pretrain_steps // 5), ckpt_every=size.pretrain_steps)
     res = pretrain(cfg)
     print(f"  pretrain {variant}: loss {res.losses[0]:.3f} -> {res.losses[-1]:.3f}; held-out "

@@ -11,6 +11,17 @@ a (volume, plane) pool) for the voter, random's exact expectation and the centra
 and the coverage distance in raw-thumbnail space (lower is better).
 
     .venv/bin/python benchmarks/bench_lesions.py [--subjects 12] [--lesions 1] [--grid 64]
+
+``--pretrain`` instead runs the pretraining ablation of docs/pretraining.md on such a cohort:
+`curate slice`, offline captions of every slice (label context: "... lesion ..." or "no annotated
+structures"), and stand-in "CLIP" embeddings (no CLIP model on CPU in minutes): a slice image's is a
+fixed random projection of its 16x16 thumbnail, a caption's a fixed random vector per distinct
+caption. Then `train pretrain` (a small ViT + PSAT) for each variant (psat with matched positions,
+psat with random positions, --no-pspe, --no-psat) and, per variant, held-out same-position and
+all-slices v2t R@1 with the true volume, an all-zero one and another subject's, and the
+between-volume share of token variance (trained vs fresh init).
+
+    .venv/bin/python benchmarks/bench_lesions.py --pretrain [--subjects 32] [--grid 32] [--steps 300]
 """
 
 from __future__ import annotations
@@ -103,6 +114,96 @@ SETTINGS = {
 }
 
 
+EMB_DIM = 64
+VARIANTS = {
+    "psat, matched positions (default)": {},
+    "psat, random positions (the paper's)": {"position_sampling": "random"},
+    "no-pspe (matched)": {"use_pspe": False},
+    "no-psat (matched)": {"use_psat": False},
+}
+
+
+def standin_embeddings(w: Path) -> None:
+    """Write a stand-in embedding store for the release: image = random projection of the 16x16
+    thumbnail of the slice PNG, text = a random vector per distinct caption (both L2-normalised)."""
+    from PIL import Image
+
+    from curation.store.embed_store import text_key, write_meta, write_table
+    from curation.store.manifest import read_manifest
+
+    df = read_manifest(w / "manifests" / "v1.parquet")
+    proj = np.random.default_rng(123).normal(size=(16 * 16, EMB_DIM))
+    shas, imgs = [], []
+    for sha, path in df.drop_duplicates("image_sha256")[["image_sha256", "image_path"]].itertuples(index=False):
+        px = np.asarray(Image.open(w / path).convert("L").resize((16, 16), Image.BILINEAR), np.float64) / 255.0
+        e = (px.ravel() - 0.25) @ proj
+        shas.append(sha)
+        imgs.append(e / (np.linalg.norm(e) + 1e-8))
+    caps = sorted(set(df["caption"].dropna()))
+    txt = []
+    for c in caps:
+        e = np.random.default_rng(int(text_key(c)[:12], 16)).normal(size=EMB_DIM)
+        txt.append(e / np.linalg.norm(e))
+    write_table(w, "standin", "image", shas, np.stack(imgs))
+    write_table(w, "standin", "text", [text_key(c) for c in caps], np.stack(txt))
+    write_meta(w, "standin", model="stand-in", checkpoint="none", dim=EMB_DIM)
+
+
+def pretrain_ablation(args: argparse.Namespace, root: Path) -> None:
+    from typer.testing import CliRunner
+
+    from med3dinsight.curate import app as curate
+    from training.pretrain.train import PretrainConfig, pretrain
+
+    t = time.perf_counter()
+    w = root / "w"
+    if not (w / "manifests" / "v1.parquet").exists():
+        task = build_task(root / "data", args.subjects, args.lesions, args.seed)
+        run_slice("msd", task, SliceConfig(workdir=w, pre=PreprocessConfig(grid_size=args.grid)), log=lambda *_: None)
+        res = CliRunner().invoke(curate, ["caption", "--workdir", str(w), "--provider", "offline", "--all"])
+        if res.exit_code != 0:
+            raise SystemExit(f"curate caption failed:\n{res.output}")
+        standin_embeddings(w)
+    print(f"{args.subjects} subjects x {args.lesions} lesion(s), grid {args.grid}: cohort, captions, embeddings in "
+          f"{time.perf_counter() - t:.0f} s", flush=True)
+    vit = dict(patch_size=8, hidden_size=64, mlp_dim=128, num_layers=2, num_heads=4)
+    out = []
+    for name, over in VARIANTS.items():
+        t = time.perf_counter()
+        vw = root / ("run-" + "".join(ch if ch.isalnum() else "-" for ch in name))
+        vw.mkdir(exist_ok=True)
+        for sub in ("volumes", "manifests", "embeddings", "cache"):
+            if (w / sub).exists() and not (vw / sub).exists():
+                (vw / sub).symlink_to(w / sub)
+        cfg = PretrainConfig(workdir=vw, encoder="vit", encoder_kwargs=vit, steps=args.steps, batch_size=args.batch,
+                             lr=args.lr, warmup=max(1, args.steps // 10), precision="fp32", workers=0, num_queries=16,
+                             psat_width=64, psat_layers=1, psat_heads=4, seed=args.seed, splits="train,val",
+                             val_split="test", log_every=max(1, args.steps // 5), ckpt_every=args.steps,
+                             progress=False, **over)
+        res = pretrain(cfg)
+        r, p = res.retrieval or {}, res.probe or {}
+        out.append((name, r, p, res.losses, time.perf_counter() - t))
+        print(f"  {name}: loss {np.mean(res.losses[:10]):.3f} -> {np.mean(res.losses[-10:]):.3f}, "
+              f"{time.perf_counter() - t:.0f} s", flush=True)
+    r0 = out[0][1]
+    print(f"\nheld-out: {int(r0.get('n_volumes', 0))} volumes; same-position queries v2t "
+          f"{int(r0.get('v2t_n_queries', 0))}, v2i {int(r0.get('v2i_n_queries', 0))}; chance R@1: v2t same position "
+          f"{r0.get('v2t_chance@1', float('nan')):.3f} (volume-blind prior {r0.get('v2t_prior@1', float('nan')):.3f}), "
+          f"v2i same position {r0.get('v2i_chance@1', float('nan')):.3f}, "
+          f"v2t all slices {r0.get('v2t_all_chance@1', float('nan')):.3f}\n")
+    keys = ("v2t_R@1", "v2i_R@1", "v2t_all_R@1")
+    print("| variant | " + " | ".join(f"{k} true / blank / shuffled" for k in keys)
+          + " | between-volume share trained / init (per token position) | loss first / last |")
+    print("|---" * (len(keys) + 3) + "|")
+    for name, r, p, losses, _ in out:
+        cells = [" / ".join(f"{r.get(k + s, float('nan')):.3f}" for s in ("", "_blank", "_shuffled")) for k in keys]
+        share = (f"{p.get('between_volume_share', float('nan')):.3f} / {p.get('between_volume_share_init', float('nan')):.3f}"
+                 f" ({p.get('between_volume_share_per_token', float('nan')):.3f} / "
+                 f"{p.get('between_volume_share_per_token_init', float('nan')):.3f})"
+                 + (" collapsed" if p.get("collapsed") else ""))
+        print(f"| {name} | " + " | ".join(cells) + f" | {share} | {np.mean(losses[:10]):.3f} / {np.mean(losses[-10:]):.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--subjects", type=int, default=12)
@@ -110,9 +211,16 @@ def main() -> None:
     ap.add_argument("--grid", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", type=Path, default=None, help="work in this folder (default: a temp one)")
+    ap.add_argument("--pretrain", action="store_true", help="run the pretraining ablation instead (docstring)")
+    ap.add_argument("--steps", type=int, default=300, help="--pretrain: optimizer steps per variant")
+    ap.add_argument("--batch", type=int, default=8, help="--pretrain: batch size")
+    ap.add_argument("--lr", type=float, default=1e-3, help="--pretrain: peak learning rate")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
+        if args.pretrain:
+            pretrain_ablation(args, root)
+            return
         t = time.perf_counter()
         task = build_task(root / "data", args.subjects, args.lesions, args.seed)
         w = root / "w"

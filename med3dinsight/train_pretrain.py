@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from med3dinsight.common import WorkdirOpt, fail, out
-from med3dinsight.train_options import metrics_line, option, parse_kwargs, switch
+from med3dinsight.train_options import main_process, metrics_line, option, parse_kwargs, switch
 from training.loop.errors import TrainingError
 from training.pretrain.config import PretrainConfig as C
 
@@ -31,12 +31,17 @@ def pretrain_cmd(
     grad_clip_norm: float = option(C, "grad_clip_norm"),
     accum_freq: int = option(C, "accum_freq", help="Micro-batches per step; the contrastive batch is all of "
                              "them (features cached, as open_clip), at one micro-batch's memory."),
+    position_sampling: str = option(C, "position_sampling", help="matched: all volumes of a contrastive batch (and "
+                                    "its micro-batches and ranks) at one plane and slice, so only the volume tells "
+                                    "them apart | random: a random slice per volume (ablation; position alone then "
+                                    "solves the objective)."),
     precision: str = option(C, "precision"),
     workers: int = option(C, "workers"),
     name: Optional[str] = option(C, "name"),
     resume: Optional[str] = option(C, "resume"),
     seed: int = option(C, "seed"),
     log_every: int = option(C, "log_every"),
+    report_to: str = option(C, "report_to"),
     device: str = option(C, "device"),
     psat: bool = switch(C, "use_psat", "psat", "PSAT head (--no-psat: ablation Ex1, mean-pool + linear projection)."),
     pspe: bool = switch(C, "use_pspe", "pspe", "Plane-slice position embedding (--no-pspe: ablation Ex2)."),
@@ -61,8 +66,8 @@ def pretrain_cmd(
     cfg = C(
         workdir=workdir, manifest=manifest, encoder=encoder, encoder_kwargs=parse_kwargs(encoder_arg), img_size=img_size,
         epochs=epochs, steps=steps, stop_after=stop_after, batch_size=batch_size, lr=lr, wd=wd, warmup=warmup,
-        grad_clip_norm=grad_clip_norm, accum_freq=accum_freq, precision=precision, resume=resume, seed=seed,
-        workers=workers, name=name, use_psat=psat, use_pspe=pspe, num_queries=num_queries, psat_width=psat_width,
+        grad_clip_norm=grad_clip_norm, accum_freq=accum_freq, position_sampling=position_sampling,
+        precision=precision, resume=resume, seed=seed, workers=workers, name=name, report_to=report_to, use_psat=psat, use_pspe=pspe, num_queries=num_queries, psat_width=psat_width,
         psat_layers=psat_layers, image_weight=image_weight, text_weight=text_weight, log_every=log_every,
         ckpt_every=ckpt_every, device=device, embeddings=embeddings, splits=splits,
     )
@@ -70,16 +75,40 @@ def pretrain_cmd(
         res = pretrain(cfg)
     except (TrainingError, ValueError) as exc:
         raise fail(str(exc).strip(), 2) from None
+    if not main_process():
+        return
     table = Table(title="train pretrain", show_header=False)
     table.add_row("steps", f"{res.start_step} -> {res.step} of {res.total_steps}")
     if res.losses:
         k = max(1, min(5, len(res.losses) // 2))
         table.add_row("loss (first / last)", f"{sum(res.losses[:k]) / k:.3f} / {sum(res.losses[-k:]) / k:.3f}")
-    table.add_row("held-out retrieval", metrics_line(res.retrieval))
+    for label, value in retrieval_rows(res.retrieval):
+        table.add_row(label, value)
+    if res.probe:
+        p = res.probe
+        table.add_row("between-volume token variance", f"{p['between_volume_share']:.3f} (fresh init "
+                      f"{p['between_volume_share_init']:.3f}){' COLLAPSED' if p['collapsed'] else ''}")
     table.add_row("processes", str(res.world_size))
     table.add_row("checkpoint", str(res.checkpoint))
     table.add_row("metrics", str(res.metrics_path))
     out.print(table)
+
+
+def retrieval_rows(r: dict | None) -> list[tuple[str, str]]:
+    """Summary-table rows of a held-out retrieval: each R@k beside its controls and chance."""
+    if not r:
+        return [("held-out retrieval", "-")]
+    rows = []
+    for key in [k for k in r if "_R@" in k and not k.endswith(("_blank", "_shuffled"))]:
+        direction, at = key.split("_R@")
+        cells = [f"{r[key]:.3f}"] + [f"{c} {r[key + '_' + c]:.3f}" for c in ("blank", "shuffled") if key + "_" + c in r]
+        chance, prior = r.get(f"{direction}_chance@{at}"), r.get(f"{direction}_prior@{at}")
+        label = f"{key} ({'all slices' if direction.endswith('_all') else 'same position'})"
+        rows.append((label, ", ".join(cells) + (f", chance {chance:.3f}" if chance is not None else "")
+                     + (f", volume-blind prior {prior:.3f}" if prior is not None else "")))
+    counts = {k: r[k] for k in ("n_queries", "n_volumes", "n_texts", "n_images") if k in r}
+    rows.append(("held-out queries", metrics_line(counts)))
+    return rows
 
 
 def export_cmd(
@@ -99,5 +128,10 @@ def export_cmd(
         raise fail(str(exc), 2) from None
     info = json.loads(Path(meta).read_text())
     out.print(f"weights: {weights}\nhow to load: {meta}")
+    probe = info.get("probe") or {}
+    if "between_volume_share" in probe:
+        out.print(f"between-volume share of token variance: {probe['between_volume_share']:.3f} "
+                  f"(fresh init {probe['between_volume_share_init']:.3f})"
+                  + (" -- the encoder collapsed" if probe["collapsed"] else ""))
     if "snippet" in info:
         out.print(info["snippet"])

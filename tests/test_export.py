@@ -68,3 +68,12 @@ def test_load_refuses_non_monai_class(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError):
         load_into_monai(meta_path)
+
+
+def test_export_records_the_collapse_probe(tmp_path):
+    enc = build_encoder("cnn", img_size=32, block_inplanes=(4, 4, 4, 4))
+    probe = {"between_volume_share": 0.3, "between_volume_share_init": 0.5, "collapsed": False}
+    _, meta_path = export_encoder(enc, "cnn", enc.config, tmp_path, probe=probe)
+    assert json.loads(meta_path.read_text())["probe"] == probe
+    _, meta_path = export_encoder(enc, "cnn", enc.config, tmp_path / "plain")
+    assert json.loads(meta_path.read_text())["probe"] is None

@@ -96,3 +96,28 @@ def test_few_distinct_captions_are_warned_about(caplog):
     with caplog.at_level(logging.WARNING, logger="training"):
         warn_few_captions([f"t{i}" for i in range(40)], [f"v{i}" for i in range(25)])
     assert caplog.text == ""
+
+
+def test_clip_step_raises_on_a_non_finite_loss_like_every_trainer():
+    """One non-finite policy: the shared accumulation step raises, naming the step, instead of
+    skipping the update silently."""
+    import open_clip
+
+    from training.clip.train import train_step
+    from training.loop.errors import TrainingError
+    from training.loop.precision import Precision
+    from training.models.clip_models import register_tiny
+
+    class NaNLoss(torch.nn.Module):
+        def forward(self, img, txt, scale, positives=None):
+            return (img.sum() + txt.sum() + scale) * float("nan")
+
+    register_tiny()
+    model = open_clip.create_model("tiny-clip")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    chunk = [(torch.randn(4, 3, 32, 32), torch.randint(1, 400, (4, 32)))]
+    with pytest.raises(TrainingError, match="at step 5"):
+        train_step(model, chunk, NaNLoss(), opt, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"),
+                   Precision("fp32", "cpu"), step=5)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # no update

@@ -7,7 +7,8 @@ this is the usual COCO/Flickr recall.
 
 Metric names, the one scheme of both trainers (metrics.jsonl, log lines, `train` summaries):
 ``{query}2{target}_R@{k}`` -- ``i2t_R@1`` / ``t2i_R@1`` here, ``v2t_R@1`` / ``v2i_R@1`` for 3D
-volume -> caption / slice image (``volume_retrieval.py``) -- plus ``mean_R@1`` and the counts
+volume -> caption / slice image (``training.pretrain.retrieval``, which adds same-position
+candidates and ``_blank`` / ``_shuffled`` controls) -- plus ``mean_R@1`` and the counts
 ``n_images``, ``n_texts``.
 """
 

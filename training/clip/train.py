@@ -32,6 +32,7 @@ from curation.store.layout import Workdir
 from training.clip.config import RESUME_POLICY, ClipTrainConfig
 from training.clip.data import ClipPairs, EpochSampler, read_pairs
 from training.clip.retrieval import evaluate
+from training.loop.accumulate import accumulate_gradients, optimizer_step
 from training.loop.checkpoint import LATEST, config_dict, resolve_resume, save, warn_if_overwriting
 from training.loop.distributed import resolve_device, unwrap
 from training.loop.errors import TrainingError, input_errors
@@ -196,13 +197,10 @@ class ClipTrainer:
             chunk = list(itertools.islice(batches, cfg.accum_freq))
             lr = scheduled_lr(self.optimizer, cfg.lr, self.step, cfg.warmup, self.total_steps)
             loss = train_step(self.model, chunk, self.loss_fn, self.optimizer, self.scaler, self.device,
-                              self.precision, cfg.grad_clip_norm)
+                              self.precision, cfg.grad_clip_norm, step=self.step + 1)
             self.step += 1
             bar.update(self.step, loss)
-            if math.isfinite(loss):
-                losses.append(loss)
-            else:
-                log.warning("non-finite loss at step %d; update skipped", self.step)
+            losses.append(loss)
             if cfg.log_every and self.step % cfg.log_every == 0:
                 log.info("step %d/%d loss %.4f lr %.2e", self.step, self.total_steps, loss, lr)
         return losses, lr
@@ -274,40 +272,31 @@ def train_step(
     device: torch.device,
     precision: Precision,
     grad_clip_norm: float | None = None,
+    step: int = 0,
 ) -> float:
     """One optimizer step over ``len(chunk)`` batches of (images, tokens[, image ids]) at the
-    optimizer's current lr; returns the loss of the whole batch (NaN, and no update, when it is
-    not finite). Duplicates across the whole accumulated batch are positives."""
+    optimizer's current lr; returns the loss of the whole batch. Duplicates across the whole
+    accumulated batch are positives. The accumulation and its non-finite policy (a non-finite
+    loss raises a TrainingError naming ``step``) are the toolkit's (``training.loop.accumulate``)."""
     chunk = [tuple(t.to(device, non_blocking=True) for t in b) for b in chunk]
     pos = _positives(chunk)
     optimizer.zero_grad(set_to_none=True)
-    if len(chunk) == 1:
-        with precision.autocast():
-            img, txt, scale = model(*chunk[0][:2])[:3]
-            loss = loss_fn(img, txt, scale, positives=pos)
-        scaler.scale(loss).backward()
-    else:
-        # Gradient accumulation for a contrastive loss: every sample must see the negatives of
-        # the whole accumulated batch, so first embed all chunks without grad, then recompute
-        # one chunk at a time with grad and splice it in (as open_clip's --accum-freq).
-        with torch.no_grad(), precision.autocast():
-            feats = [model(*b[:2])[:2] for b in chunk]
-        for j, batch in enumerate(chunk):
-            with precision.autocast():
-                img_j, txt_j, scale = model(*batch[:2])[:3]
-                img = torch.cat([f[0] for f in feats[:j]] + [img_j] + [f[0] for f in feats[j + 1:]])
-                txt = torch.cat([f[1] for f in feats[:j]] + [txt_j] + [f[1] for f in feats[j + 1:]])
-                # The logit scale's gradient must be counted once, not once per chunk.
-                loss = loss_fn(img, txt, scale if j == 0 else scale.detach(), positives=pos)
-            scaler.scale(loss).backward()
-    if not torch.isfinite(loss):
-        optimizer.zero_grad(set_to_none=True)
-        return float("nan")
-    if grad_clip_norm:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-    scaler.step(optimizer)
-    scaler.update()
+
+    def forward(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return tuple(model(*batch[:2])[:3])  # image features, text features, logit scale
+
+    def loss(feats: tuple[torch.Tensor, ...], rest: tuple[torch.Tensor, ...], first: bool) -> dict[str, torch.Tensor]:
+        # The logit scale's gradient is counted once (first micro-batch), not once per chunk.
+        scale = rest[0] if first else rest[0].detach()
+        return {"loss": loss_fn(feats[0], feats[1], scale, positives=pos)}
+
+    def nonfinite(value: float, _batches: object) -> TrainingError:
+        return TrainingError(f"non-finite loss ({value}) at step {step}: lower --lr, raise --warmup or use "
+                             "--precision fp32; --resume latest restarts from the last checkpoint", step=step)
+
+    out = accumulate_gradients(chunk, forward, loss, step=step, precision=precision, scaler=scaler,
+                               model=unwrap(model), concat=2, on_nonfinite=nonfinite)
+    optimizer_step(optimizer, scaler, grad_clip_norm or 0.0, step)
     with torch.no_grad():  # as open_clip: keep exp(logit_scale) <= 100
         unwrap(model).logit_scale.clamp_(0, math.log(100))
-    return float(loss.detach())
+    return float(out["loss"].detach())

@@ -103,9 +103,10 @@ class AlignmentLoss(nn.Module):
     shared temperature. The logit scale is stored as log(1 / init_temperature) like CLIP and used
     unclamped; the trainer clamps the parameter to [0, log 100] after each optimizer step
     (``clamp_``), as open_clip does: a clamp inside forward would zero its gradient for good once
-    it left the range. Keep it out of weight decay. Slices with the same image or the same caption
-    (equal frozen embeddings) across the gathered batch are positives, not negatives
-    (``symmetric_infonce``). Under torch.distributed the embeddings are gathered across ranks (see
+    it left the range. Keep it out of weight decay. Positives are per modality: in the image loss,
+    slices with the same image (equal frozen image embeddings) across the gathered batch; in the
+    text loss, slices with the same caption (equal frozen text embeddings); nothing else. Two
+    different images that share a caption are negatives of each other in the image loss. Under torch.distributed the embeddings are gathered across ranks (see
     ``gather_batch``); the CLIP embeddings are frozen and gathered without gradient. The loss
     module need not be wrapped in DDP: every rank computes the same logit-scale gradient.
     """
@@ -157,17 +158,21 @@ class AlignmentLoss(nn.Module):
         if image is None and text is None:
             raise ValueError("AlignmentLoss needs image or text embeddings")
         v = gather_batch(F.normalize(volume.float(), dim=-1))
+        if len(v) < 2:
+            # InfoNCE of one sample is 0 with a zero gradient: a silent no-op step.
+            raise ValueError("contrastive batch of one sample: InfoNCE needs at least 2 (the sampler must not "
+                             "produce one)")
         scale = self.scale() if scale_grad else self.scale().detach()
         out: dict[str, torch.Tensor] = {}
         total = v.new_zeros(())
         targets = {k: None if t is None else gather_batch(F.normalize(t.detach().float(), dim=-1))
                    for k, t in (("image_loss", image), ("text_loss", text))}
-        positives = duplicate_positives(*targets.values())
         for key, weight in (("image_loss", self.image_weight), ("text_loss", self.text_weight)):
             t = targets[key]
             if t is None:
                 continue
-            out[key] = symmetric_infonce(v, t, scale, positives)
+            # Per modality: the same image in the image loss, the same caption in the text loss.
+            out[key] = symmetric_infonce(v, t, scale, same_rows(t))
             total = total + weight * out[key]
         out["loss"] = total
         out["logit_scale"] = scale.detach()

@@ -21,7 +21,7 @@ RESUME_POLICY = ResumePolicy(
     adopt=("use_psat", "use_pspe", "num_queries", "psat_width", "psat_layers", "psat_heads"),
     inherit=("embeddings",),
     allow=("encoder_kwargs", "img_size", "workdir", "name", "resume", "stop_after", "workers", "log_every", "ckpt_every",
-           "eval_every", "device", "progress", "tensorboard"),
+           "eval_every", "device", "progress", "report_to"),
 )
 
 
@@ -43,6 +43,11 @@ class PretrainConfig:
     warmup: int = 500
     grad_clip_norm: float = 1.0  # 0 disables clipping
     accum_freq: int = 1
+    # matched: every volume of a step's contrastive batch (all micro-batches, all ranks) at one
+    # plane and slice index, so only the volume's content tells the candidates apart; random: a
+    # random captioned slice per volume (the paper's sampling; an ablation: position alone then
+    # solves the objective).
+    position_sampling: str = "matched"
     precision: str = "amp"  # fp32 | amp (fp16 + grad scaler, CUDA) | bf16
     resume: str | Path | None = None  # "latest" or a checkpoint path
     seed: int = 0
@@ -65,7 +70,7 @@ class PretrainConfig:
     device: str = "auto"
     embeddings: str | None = None  # embedding-store fingerprint; None = latest (or the checkpoint's)
     progress: bool = True
-    tensorboard: bool = True
+    report_to: str = ""  # tensorboard and/or wandb, comma-separated
 
     def align_spec(self) -> AlignSpec:
         """The model-side fields, for `training.models.align_model.build_model`."""

@@ -1,10 +1,20 @@
-"""Data for `train pretrain`: one item per volume, one captioned slice of it sampled per epoch.
+"""Data for `train pretrain`: items are captioned slices (manifest rows), batches are planned per
+optimizer step.
 
 Each item is the whole preprocessed volume plus the plane/index of one of its captioned slices
-and that slice's cached CLIP image and caption embeddings (no CLIP forward here, ever). Which
-slice a volume contributes in an epoch is a pure function of (seed, epoch, volume), and the
-sampler can start mid-epoch, so a resumed run sees exactly the batches an uninterrupted run
-would have seen, with any number of DataLoader workers.
+and that slice's cached CLIP image and caption embeddings (no CLIP forward here, ever).
+``StepBatchSampler`` plans the rows of every optimizer step as a pure function of (seed, step):
+
+- ``matched`` (default): one (plane, index) position per step, drawn with probability
+  proportional to the number of volumes that have a captioned slice there, and up to the global
+  batch of those volumes; every micro-batch and every rank gets rows at that position. The
+  plane-slice embedding then cannot tell the candidates apart: only the volume's content can.
+- ``random``: volumes in a per-epoch shuffled order, each with a random captioned slice of its own
+  (the paper's sampling; kept as an ablation).
+
+A resumed run starts the sampler at its step and sees exactly the batches an uninterrupted run
+would have seen, with any number of DataLoader workers and on every rank without communication.
+No contrastive batch holds a single sample.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset, Sampler
 
 from curation.store.embed_store import load_embeddings
 from curation.store.manifest import read_manifest, usable_caption_rows
@@ -50,7 +60,7 @@ def grid_of(rows: pd.DataFrame) -> int:
 def load_volume(workdir: str | Path, volume_path: str, size: int | None = None) -> torch.Tensor:
     """(1, S, S, S) float32 from a (G, G, G) .npy; trilinearly resized when ``size`` != G."""
     arr = np.load(Path(workdir) / volume_path, mmap_mode="r")
-    vol = torch.from_numpy(np.asarray(arr, dtype=np.float32)).unsqueeze(0)
+    vol = torch.from_numpy(np.array(arr, dtype=np.float32)).unsqueeze(0)
     if size is not None and size != vol.shape[-1]:
         vol = F.interpolate(vol.unsqueeze(0), size=(size,) * 3, mode="trilinear", align_corners=False)[0]
     return vol
@@ -69,8 +79,13 @@ def load_split(workdir: str | Path, manifest: Path, split: str | tuple[str, ...]
     return VolumeSliceDataset(workdir, rows, image, text, seed=seed, img_size=img_size), fp
 
 
+POSITION_SAMPLING = ("matched", "random")
+
+
 class VolumeSliceDataset(Dataset):
-    """Item ``(volume_idx, epoch)`` -> dict(volume, plane, index, image, text, row).
+    """Item ``row`` (a position in ``rows``) -> dict(volume, plane, index, image, text, row);
+    item ``(volume_idx, epoch)`` -> the item of the slice that volume contributes in that epoch
+    under random sampling (``sample_row``).
 
     Args:
         workdir: the workdir that ``volume_path`` is relative to.
@@ -119,25 +134,85 @@ class VolumeSliceDataset(Dataset):
         }
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
-        volume_idx, epoch = key if isinstance(key, tuple) else (key, 0)
-        return self.item(self.sample_row(volume_idx, epoch))
+        if isinstance(key, tuple):
+            return self.item(self.sample_row(*key))
+        return self.item(int(key))
+
+    def positions(self) -> dict[tuple[int, int], np.ndarray]:
+        """(plane, index) -> the rows there, one per volume that has a captioned slice there."""
+        key = self.rows["plane_index"].to_numpy().astype(np.int64) * 100_000 + self.rows["index"].to_numpy()
+        vol = self.rows["volume_id"].to_numpy()
+        out: dict[tuple[int, int], list[int]] = {}
+        seen: set[tuple[int, str]] = set()
+        for r in range(len(self.rows)):
+            if (key[r], vol[r]) not in seen:
+                seen.add((key[r], vol[r]))
+                out.setdefault((int(key[r] // 100_000), int(key[r] % 100_000)), []).append(r)
+        return {p: np.asarray(rs, dtype=np.int64) for p, rs in sorted(out.items())}
 
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler (shuffled per epoch, drop_last) that yields ``(index, epoch)`` and can
-    skip the first ``skip`` samples of this rank's epoch (resume mid-epoch without loading them).
+class StepBatchSampler(Sampler[list[int]]):
+    """This rank's micro-batches (lists of rows), ``accum`` per optimizer step, from step
+    ``start`` on (set it to resume): a pure function of (seed, step), the same on every rank.
 
-    Works without torch.distributed too: pass ``num_replicas=1, rank=0``.
+    The global batch of a step is ``batch_size * accum * world`` rows (matched: fewer when fewer
+    volumes have a slice at the drawn position, always the same number per micro-batch and rank,
+    and at least 2); micro-batch j of rank r is its slice ``[(j * world + r) * b, ... + b)``.
+
+    Args:
+        data: the training dataset.
+        batch_size, accum, rank, world: as the run's.
+        seed: the run's seed.
+        mode: ``matched`` or ``random`` (see the module docstring).
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
-                         drop_last=True)
-        self.skip = 0
+    def __init__(self, data: VolumeSliceDataset, batch_size: int, accum: int, rank: int, world: int,
+                 seed: int = 0, mode: str = "matched"):
+        if mode not in POSITION_SAMPLING:
+            raise ValueError(f"--position-sampling {mode}: choose one of {', '.join(POSITION_SAMPLING)}")
+        self.data, self.batch_size, self.accum, self.rank, self.world = data, batch_size, accum, rank, world
+        self.seed, self.mode = seed, mode
+        self.parts = accum * world
+        self.global_batch = batch_size * self.parts
+        if self.global_batch < 2:
+            raise ValueError(f"--batch-size {batch_size} x --accum-freq {accum} x {world} rank(s) is a contrastive "
+                             "batch of one sample (InfoNCE is then 0 with no gradient): use at least 2")
+        # Steps per epoch: one pass over the volumes (nominal under matched sampling).
+        self.per_epoch = len(data) // self.global_batch
+        if self.per_epoch == 0:
+            raise ValueError(f"{len(data)} train volumes cannot fill one step of --batch-size {batch_size} x "
+                             f"--accum-freq {accum} x {world} rank(s)")
+        positions = data.positions()
+        need = max(2, self.parts)
+        self.positions = [(p, rows) for p, rows in positions.items() if len(rows) >= need]
+        if mode == "matched" and not self.positions:
+            most = max((len(r) for r in positions.values()), default=0)
+            raise ValueError(f"--position-sampling matched: no (plane, index) position has a captioned slice in "
+                             f"{need} or more train volumes (at most {most}); use --position-sampling random")
+        counts = np.array([len(rows) for _, rows in self.positions], dtype=np.float64)
+        self.weights = counts / counts.sum() if len(counts) else counts
+        self.start = 0
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = list(super().__iter__())[self.skip:]
-        return iter([(i, self.epoch) for i in order])
+    def step_rows(self, step: int) -> list[int]:
+        """The rows of (0-based) ``step``'s global batch, in micro-batch-then-rank order."""
+        if self.mode == "random":
+            epoch, within = divmod(step, self.per_epoch)
+            order = np.random.default_rng((self.seed, epoch)).permutation(len(self.data))
+            vols = order[within * self.global_batch:(within + 1) * self.global_batch]
+            return [self.data.sample_row(int(v), epoch) for v in vols]
+        rng = np.random.default_rng((self.seed, step, 1))
+        _, rows = self.positions[int(rng.choice(len(self.positions), p=self.weights))]
+        b = min(len(rows), self.global_batch) // self.parts
+        return [int(r) for r in rng.choice(rows, size=b * self.parts, replace=False)]
 
-    def __len__(self) -> int:
-        return max(0, self.num_samples - self.skip)
+    def plan(self, step: int) -> list[list[int]]:
+        """This rank's ``accum`` micro-batches of ``step``."""
+        rows = self.step_rows(step)
+        b = len(rows) // self.parts
+        return [rows[(j * self.world + self.rank) * b:(j * self.world + self.rank + 1) * b] for j in range(self.accum)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start
+        while True:
+            yield from self.plan(step)
+            step += 1

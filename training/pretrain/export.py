@@ -15,6 +15,7 @@ from torch import nn
 
 from curation.store.fsutil import atomic_write_text
 from curation.store.layout import Workdir
+from curation.store.manifest import resolve_manifest
 from training.loop.checkpoint import LATEST, load, save
 from training.loop.distributed import unwrap
 from training.loop.errors import TrainingError
@@ -47,6 +48,7 @@ def export_encoder(
     name: str,
     cfg: Any,
     out_dir: str | os.PathLike,
+    probe: dict[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``<name>_encoder.pt`` (state dict of the MONAI sub-module) and ``<name>_encoder.json``.
 
@@ -55,6 +57,7 @@ def export_encoder(
         name: registry name ("vit", "swin", "cnn").
         cfg: the encoder's config dataclass (or a dict), recorded in the JSON.
         out_dir: directory, created if missing.
+        probe: the collapse probe (``training.pretrain.probe.probe_encoder``), recorded as ``probe``.
 
     Returns:
         (weights_path, json_path). The weights load with ``torch.load(weights_only=True)``.
@@ -85,6 +88,7 @@ def export_encoder(
         "monai_version": monai.__version__,
         "torch_version": torch.__version__,
         "snippet": _snippet(target, weights_path.name),
+        "probe": probe,
     }
     atomic_write_text(json_path, json.dumps(meta, indent=2) + "\n")
     return weights_path, json_path
@@ -127,4 +131,26 @@ def export_latest(workdir: str | os.PathLike, checkpoint: str | os.PathLike | No
         raise TrainingError(f"{path}: no pretraining checkpoint (run `train pretrain` first)")
     ckpt = load(path, CKPT_FORMAT)
     encoder, cfg = encoder_from_checkpoint(ckpt)
-    return export_encoder(encoder, ckpt["encoder"], cfg, out_dir or wd.exports)
+    return export_encoder(encoder, ckpt["encoder"], cfg, out_dir or wd.exports, probe=_probe(wd, ckpt, encoder, cfg))
+
+
+def _probe(wd: Workdir, ckpt: dict[str, Any], encoder: Encoder3D, cfg: Any) -> dict[str, Any]:
+    """The collapse probe of the checkpoint's encoder on its run's held-out volumes (train when
+    none), or ``{"error": why}`` when the workdir no longer has them."""
+    from training.pretrain.data import captioned_rows
+    from training.pretrain.probe import probe_encoder
+
+    run = ckpt.get("config", {})
+    trained = {s.strip() for s in str(run.get("splits", "train")).split(",")}
+    val = run.get("val_split", "val")
+    held = [s for s in dict.fromkeys([val, "test"] if val == "val" else [val]) if s not in trained]
+    try:
+        manifest = resolve_manifest(wd.root, run.get("manifest", "v1"))
+        for split, label in [*((s, "held-out") for s in held), (sorted(trained), "train")]:
+            rows = captioned_rows(manifest, split)
+            if not rows.empty:
+                paths = sorted(rows["volume_path"].unique())
+                return probe_encoder(encoder, cfg, int(run.get("seed", 0)), wd.root, paths, torch.device("cpu"), label)
+        return {"error": "no captioned volumes in the run's manifest"}
+    except (OSError, ValueError, KeyError) as e:
+        return {"error": f"probe skipped: {e}"}

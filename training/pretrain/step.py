@@ -5,7 +5,6 @@ Public so that the benchmark times exactly what the loop runs (``benchmarks/benc
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -13,6 +12,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from training.loop.accumulate import accumulate_gradients, has_batchnorm, optimizer_step
 from training.loop.errors import TrainingError
 from training.loop.optim import adamw
 from training.loop.precision import Precision
@@ -40,12 +40,22 @@ class TrainState:
                precision: Precision) -> TrainState:
         """Fresh model and loss on ``device`` (seed first for a reproducible init), AdamW over both."""
         model = build_model(cfg.align_spec(), grid, clip_dim).to(device)
+        check_accumulation(cfg, model)
         loss_fn = AlignmentLoss(cfg.image_weight, cfg.text_weight, cfg.init_temperature).to(device)
         optimizer = adamw({"model": model, "loss": loss_fn}, cfg.lr, cfg.wd)
         return cls(model, loss_fn, optimizer, precision.grad_scaler(), precision, device)
 
 
 OnNonfinite = Callable[[dict[str, torch.Tensor], float], Exception]
+
+
+def check_accumulation(cfg: PretrainConfig, model: nn.Module) -> None:
+    """``--accum-freq`` > 1 is exact only for encoders without BatchNorm: refuse the others."""
+    if cfg.accum_freq > 1 and has_batchnorm(model):
+        raise TrainingError(
+            f"--accum-freq {cfg.accum_freq} with --encoder {cfg.encoder}: its BatchNorm normalises each micro-batch "
+            "on its own, so the accumulated gradient is not that of one batch; use --accum-freq 1 with a larger "
+            "--batch-size, or a LayerNorm encoder (vit, swin)")
 
 
 def _to(batch: dict[str, torch.Tensor], cfg: PretrainConfig, device: torch.device) -> dict[str, torch.Tensor | None]:
@@ -63,56 +73,43 @@ def train_step(state: TrainState, cfg: PretrainConfig, batches: Iterator[dict[st
                on_nonfinite: OnNonfinite | None = None) -> dict[str, float]:
     """One optimizer step over ``cfg.accum_freq`` micro-batches drawn from ``batches``.
 
-    ``--accum-freq`` enlarges the contrastive batch (as open_clip's): the projections of every
-    micro-batch are first computed without gradient, then each micro-batch is recomputed with
-    gradient and spliced in, so every sample is contrasted with all ``accum_freq * batch_size``
-    (times ranks) samples and the summed gradient is that of one batch of that size. The
-    learning rate is whatever the optimizer holds (set it first). A non-finite loss raises
-    ``on_nonfinite(batch, value)`` (default: a TrainingError naming ``step``) before its backward.
+    ``--accum-freq`` enlarges the contrastive batch (``training.loop.accumulate``): every sample
+    is contrasted with all ``accum_freq * batch_size`` (times ranks) samples and the summed
+    gradient is that of one batch of that size (refused for BatchNorm encoders, see
+    ``check_accumulation``). The learning rate is whatever the optimizer holds (set it first). A
+    non-finite loss raises ``on_nonfinite(batch, value)`` (default: a TrainingError naming ``step``)
+    before its backward, ``batch`` being the step's micro-batches concatenated.
 
     Returns:
-        loss, image_loss, text_loss (of the whole accumulated batch), logit_scale, grad_norm.
+        loss, image_loss, text_loss (of the whole accumulated batch), logit_scale, grad_norm, batch
+        (the contrastive batch on this rank).
     """
     net = state.ddp or state.model
-    opt, scaler, device = state.optimizer, state.scaler, state.device
-    opt.zero_grad(set_to_none=True)
+    state.optimizer.zero_grad(set_to_none=True)
     raw = [next(batches) for _ in range(cfg.accum_freq)]
-    micro = [_to(b, cfg, device) for b in raw]
+    micro = [_to(b, cfg, state.device) for b in raw]
     image, text = _cat([m["image"] for m in micro]), _cat([m["text"] for m in micro])
-    cached: list[torch.Tensor] = []
-    if cfg.accum_freq > 1:
-        with torch.no_grad(), state.precision.autocast():
-            cached = [state.model(m["volume"], m["plane"], m["index"]) for m in micro]
-    out: dict[str, torch.Tensor] = {}
-    for j, m in enumerate(micro):
-        # Only the last micro-batch all-reduces gradients.
-        sync = state.ddp.no_sync() if state.ddp is not None and j < cfg.accum_freq - 1 else nullcontext()
-        with sync:
-            with state.precision.autocast():
-                proj = net(m["volume"], m["plane"], m["index"])
-            if cached:
-                proj = torch.cat([*cached[:j], proj, *cached[j + 1:]])
-            # The logit scale's gradient is counted once (chunk 0), not once per micro-batch.
-            out = state.loss_fn(proj, image=image, text=text, scale_grad=j == 0)
-            loss = out["loss"]
-            # Every rank holds the same (gathered) loss, so every rank raises together.
-            if not torch.isfinite(loss):
-                value = loss.item()
-                bad = raw[j] if len(raw) == 1 else {k: torch.cat([b[k] for b in raw]) for k in raw[0]}
-                raise (on_nonfinite(bad, value) if on_nonfinite else
-                       TrainingError(f"non-finite loss ({value}) at step {step}", step=step))
-            scaler.scale(loss).backward()
+
+    def forward(m: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        # The cached no-grad pass bypasses the DDP wrapper (nothing to all-reduce there).
+        return (net if torch.is_grad_enabled() else state.model)(m["volume"], m["plane"], m["index"])
+
+    def loss(spliced: tuple[torch.Tensor, ...], rest: tuple[torch.Tensor, ...], first: bool) -> dict[str, torch.Tensor]:
+        # The logit scale's gradient is counted once (micro-batch 0), not once per micro-batch.
+        return state.loss_fn(spliced[0], image=image, text=text, scale_grad=first)
+
+    def nonfinite(value: float, _micro: object) -> Exception:
+        bad = raw[0] if len(raw) == 1 else {k: torch.cat([b[k] for b in raw]) for k in raw[0]}
+        return (on_nonfinite(bad, value) if on_nonfinite else
+                TrainingError(f"non-finite loss ({value}) at step {step}", step=step))
+
+    out = accumulate_gradients(micro, forward, loss, step=step, precision=state.precision, scaler=state.scaler,
+                               model=state.model, ddp=state.ddp, on_nonfinite=nonfinite)
     sums = {k: out[k].item() for k in ("loss", "image_loss", "text_loss") if k in out}
     sums["logit_scale"] = out["logit_scale"].item()
-    scaler.unscale_(opt)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm if cfg.grad_clip_norm > 0 else float("inf"))
-    if not torch.isfinite(norm) and not scaler.is_enabled():
-        raise TrainingError(f"non-finite gradient norm at step {step}; lower --lr or use --precision fp32", step=step)
-    scaler.step(opt)  # skipped by the scaler on inf/nan gradients under fp16
-    scaler.update()
+    sums["grad_norm"] = optimizer_step(state.optimizer, state.scaler, cfg.grad_clip_norm, step)
     state.loss_fn.clamp_()  # after the step, as open_clip: a clamp in forward would kill its gradient
-    sums["grad_norm"] = norm.item()
+    sums["batch"] = float(sum(len(m["volume"]) for m in micro))
     return sums
 
 

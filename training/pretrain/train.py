@@ -6,10 +6,11 @@ contributes one captioned slice, whose frozen CLIP embeddings come from the stor
 `train embed` (no CLIP forward here). Checkpoints in ``Workdir.pretrain_checkpoints``
 (``step_N.pt``, ``latest.pt``) hold everything needed to continue bit-for-bit: model, loss
 (temperature), optimizer, grad scaler, every rank's RNG states, the step, the config.
-Sampling is a pure function of (seed, epoch, volume), so a resumed run sees the same batches.
-The config is in ``pretrain_config.py``, the model in ``align_model.py``, one step in
-``pretrain_step.py``, the held-out retrieval in ``volume_retrieval.py``; the toolkit both trainers
-share in ``optim``, ``precision``, ``rng``, ``checkpoint``, ``runlog``, ``distributed``, ``errors``.
+Sampling is a pure function of (seed, step) (``data.StepBatchSampler``; by default every step's
+batch shares one plane-slice position), so a resumed run sees the same batches. The config is in
+``config.py``, the model in ``training.models.align_model``, one step in ``step.py`` (on
+``training.loop.accumulate``), the held-out retrieval with its controls in ``retrieval.py``, the
+collapse probe in ``probe.py``; the toolkit the trainers share in ``training.loop``.
 """
 
 from __future__ import annotations
@@ -22,21 +23,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
 from curation.store.layout import Workdir
 from curation.store.manifest import resolve_manifest
-from training.loop.checkpoint import config_dict, point_latest, resolve_resume, save, warn_if_overwriting
+from training.loop.checkpoint import config_dict, resolve_resume, warn_if_overwriting
 from training.loop.distributed import DistInfo, barrier, gather_objects, init_distributed, teardown, wrap_ddp
 from training.loop.errors import TrainingError, input_errors
-from training.loop.optim import set_hparams, warmup_cosine
+from training.loop.optim import warmup_cosine
 from training.loop.precision import resolve_precision
+from training.loop.progress import StepProgress
 from training.loop.rng import rng_state, seed_all, set_rng_state
 from training.loop.runlog import MetricsLog, val_metrics
+from training.loop.state import optimizer_state, restore_optimizer, save_step, scheduled_lr
 from training.models.align_model import CKPT_FORMAT, describe, model_encoder_config
 from training.pretrain.config import RESUME_POLICY, PretrainConfig
-from training.pretrain.data import ResumableSampler, VolumeSliceDataset, grid_of, load_split
+from training.pretrain.data import StepBatchSampler, VolumeSliceDataset, grid_of, load_split
+from training.pretrain.probe import probe_encoder
 from training.pretrain.retrieval import evaluate_volumes
 from training.pretrain.step import TrainState, nonfinite_error, train_step
 
@@ -52,9 +55,10 @@ class PretrainResult:
     total_steps: int
     checkpoint: Path | None
     losses: list[float]  # one per step run here
-    retrieval: dict[str, float] | None  # held-out v2t_R@k / v2i_R@k (see training.pretrain.retrieval)
+    retrieval: dict[str, float] | None  # held-out v2t_R@k / v2i_R@k with controls (training.pretrain.retrieval)
     metrics_path: Path
     world_size: int
+    probe: dict[str, Any] | None = None  # between-volume share of token variance (training.pretrain.probe)
 
 
 OnStep = Callable[[int, dict[str, Any]], None]
@@ -125,22 +129,21 @@ class Pretrainer:
 
         seed_all(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
         self.state = TrainState.create(cfg, self.grid, self.data.image_emb.shape[1], self.device, precision)
-        self.sampler = ResumableSampler(self.data, info.world, info.rank, seed=cfg.seed)
-        per_epoch = len(self.sampler) // cfg.batch_size // cfg.accum_freq
-        if per_epoch == 0:
-            raise TrainingError(
-                f"{len(self.data)} train volumes over {info.world} rank(s) cannot fill one step of "
-                f"--batch-size {cfg.batch_size} x --accum-freq {cfg.accum_freq}")
-        self.per_epoch = per_epoch
-        self.total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
+        try:
+            self.sampler = StepBatchSampler(self.data, cfg.batch_size, cfg.accum_freq, info.rank, info.world,
+                                            seed=cfg.seed, mode=cfg.position_sampling)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
+        self.per_epoch = self.sampler.per_epoch
+        self.total = cfg.steps if cfg.steps is not None else cfg.epochs * self.per_epoch
         self.step = 0
         if ckpt is not None:
             self._restore(ckpt)
         else:
             torch.manual_seed(cfg.seed + info.rank)  # per-rank streams (dropout) from here on
         self.state.ddp = wrap_ddp(self.state.model, info)
-        self.loader = DataLoader(self.data, batch_size=cfg.batch_size, sampler=self.sampler,
-                                 num_workers=cfg.workers, drop_last=True, pin_memory=self.device.type == "cuda")
+        self.loader = DataLoader(self.data, batch_sampler=self.sampler, num_workers=cfg.workers,
+                                 pin_memory=self.device.type == "cuda")
 
     def _val_split(self, manifest: Path) -> VolumeSliceDataset | None:
         cfg = self.cfg
@@ -164,11 +167,8 @@ class Pretrainer:
         s = self.state
         s.model.load_state_dict(ckpt["model"])
         s.loss_fn.load_state_dict(ckpt["loss"])
-        s.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler") and s.scaler.is_enabled():
-            s.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
-        set_hparams(s.optimizer, self._lr(), self.cfg.wd)  # the optimizer state carries the old run's
+        restore_optimizer(ckpt, s.optimizer, s.scaler, self._lr(), self.cfg.wd, self.last_ckpt)
         states = ckpt["rng"]
         if len(states) == self.info.world:
             set_rng_state(states[self.info.rank])
@@ -193,8 +193,7 @@ class Pretrainer:
             "epoch": self.step // self.per_epoch,
             "model": s.model.state_dict(),
             "loss": s.loss_fn.state_dict(),
-            "optimizer": s.optimizer.state_dict(),
-            "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None,
+            **optimizer_state(s.optimizer, s.scaler),
             "rng": states,
             "world_size": self.info.world,
             "config": config_dict(self.cfg),
@@ -203,14 +202,23 @@ class Pretrainer:
             "metrics": metrics,
             "torch_version": str(torch.__version__),
         }
-        path = save(ckpt, self.dir / f"step_{self.step}.pt")
-        point_latest(path)
-        return path
+        return save_step(ckpt, self.dir, self.step)
 
     def _evaluate(self) -> dict[str, float] | None:
         result = None
         if self.main and self.val is not None:
-            result = evaluate_volumes(self.state.model, self.val, self.device, autocast=self.state.precision.autocast)
+            result = evaluate_volumes(self.state.model, self.val, self.device, autocast=self.state.precision.autocast,
+                                      seed=self.cfg.seed)
+        barrier(self.info.world)
+        return result
+
+    def _probe(self) -> dict[str, Any] | None:
+        """The collapse probe on the held-out volumes (train when none are held out), rank 0."""
+        result = None
+        if self.main:
+            data, split = (self.val, "held-out") if self.val is not None else (self.data, "train")
+            result = probe_encoder(self.state.model.encoder, self.state.model.encoder.config, self.cfg.seed,
+                                   data.workdir, data.volume_paths, self.device, split)
         barrier(self.info.world)
         return result
 
@@ -222,24 +230,20 @@ class Pretrainer:
         cfg = self.cfg
         start = self.step
         end = min(self.total, cfg.stop_after) if cfg.stop_after is not None else self.total
-        progress = Progress(TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
-                            disable=not (self.main and cfg.progress))
+        progress = StepProgress("pretrain", self.total, start, enabled=self.main and cfg.progress)
         losses: list[float] = []
-        retrieval = None
+        retrieval = probe = None
         it = None
         metrics = MetricsLog(self.dir, resume_step=start if self.resumed else None, main=self.main,
-                             tensorboard=cfg.tensorboard)
+                             report_to=cfg.report_to, run_name=f"pretrain/{cfg.name or 'default'}",
+                             config=config_dict(cfg))
         with progress, metrics:
-            task = progress.add_task("pretrain", total=self.total, completed=start, loss="-")
             while self.step < end:
-                epoch, within = divmod(self.step, self.per_epoch)
-                if it is None or within == 0:
-                    self.sampler.set_epoch(epoch)
-                    self.sampler.skip = within * cfg.accum_freq * cfg.batch_size
+                epoch = self.step // self.per_epoch
+                if it is None:
+                    self.sampler.start = self.step
                     it = iter(self.loader)
-                lr = self._lr()
-                set_hparams(self.state.optimizer, lr)
+                lr = scheduled_lr(self.state.optimizer, cfg.lr, self.step, cfg.warmup, self.total)
                 t0 = time.perf_counter()
                 vals = train_step(self.state, cfg, it, self.step + 1, on_nonfinite=self._nonfinite)
                 if self.device.type == "cuda":
@@ -248,8 +252,8 @@ class Pretrainer:
                 self.step += 1
                 losses.append(vals["loss"])
                 row = {"step": self.step, "epoch": epoch, **vals, "lr": lr, "step_time": dt,
-                       "samples_per_s": cfg.batch_size * cfg.accum_freq * self.info.world / dt}
-                progress.update(task, completed=self.step, loss=f"{vals['loss']:.4f}")
+                       "samples_per_s": vals["batch"] * self.info.world / dt}
+                progress.update(self.step, vals["loss"])
                 if self.step % cfg.log_every == 0 or self.step == end:
                     metrics.write(row)
                 if on_step is not None:
@@ -260,6 +264,10 @@ class Pretrainer:
                     retrieval = self._evaluate()
                     if retrieval is not None:
                         metrics.write({"step": self.step, **val_metrics(retrieval)})
+                if self.step == self.total:
+                    probe = self._probe()
+                    if probe is not None:
+                        metrics.write({"step": self.step, **{f"probe/{k}": v for k, v in probe.items()}})
         return PretrainResult(start_step=start, step=self.step, total_steps=self.total,
                               checkpoint=self.last_ckpt, losses=losses, retrieval=retrieval,
-                              metrics_path=metrics.path, world_size=self.info.world)
+                              metrics_path=metrics.path, world_size=self.info.world, probe=probe)
