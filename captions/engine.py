@@ -134,10 +134,12 @@ def _run_offline(jobs: list[Job], db: CaptionCache, summary: CaptionSummary,
     rows = [cache_row(j.item, Answer(offline_caption(j.req.context), "stop", False, 0, 0, None, None), "offline")
             for j in jobs]
     for i in range(0, len(rows), OFFLINE_CHUNK):
-        db.put_many(rows[i : i + OFFLINE_CHUNK])
+        chunk = rows[i : i + OFFLINE_CHUNK]
+        db.put_many(chunk)
+        summary.sent += len(chunk)  # counted as they land, so a progress line reads true
+        summary.succeeded += len(chunk)
         if progress is not None:
             progress(min(i + OFFLINE_CHUNK, len(rows)), len(rows))
-    summary.sent = summary.succeeded = len(rows)
 
 
 async def _run_batch(options: CaptionOptions, requests: Sequence[CaptionRequest], db: CaptionCache,

@@ -34,27 +34,37 @@ def _fail_line(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _progress_note(s, answered: int) -> str:
+    """The captioning bar's note from the live summary ``s``. ``answered``: answers stored so far
+    (the bar's count); a provider that adds its successes up only at the end (the offline
+    captioner) still shows them as they are written."""
+    ok = max(s.succeeded, answered - s.refused - s.truncated)
+    usd = "n/a" if s.usd_actual is None else f"${s.usd_actual:.4f}"
+    return (f"cached {s.cached} · ok {ok} · refused {s.refused} · failed {s.failed} · "
+            f"tokens {s.prompt_tokens}/{s.completion_tokens} · {usd}")
+
+
 def caption_cmd(
     workdir: Path = WorkdirOpt,
     provider: Optional[str] = typer.Option(None, "--provider", help="openai | offline (default: openai when OPENAI_API_KEY or --base-url is set, else offline)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Vision model (default gpt-4o; GPT-4V names accepted)."),
-    base_url: Optional[str] = typer.Option(None, "--base-url", help="Any OpenAI-compatible server (vLLM, Ollama, Azure...)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Vision model the provider serves (default gpt-4o; GPT-4V names accepted; the offline provider's is its template)."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="URL of any OpenAI-compatible server (vLLM, Ollama, Azure...), e.g. http://localhost:8000/v1; default: api.openai.com."),
     budget: Optional[int] = typer.Option(None, "--budget", help="The release holds the first N slices of the selection order; cached answers count and cost nothing, so a rerun converges and then sends nothing."),
-    max_usd: Optional[float] = typer.Option(None, "--max-usd", help="Stop before the estimated spend exceeds this."),
-    concurrency: int = typer.Option(CaptionOptions.concurrency, "--concurrency"),
-    rpm: Optional[float] = typer.Option(None, "--rpm", help="Client-side requests per minute."),
-    tpm: Optional[float] = typer.Option(None, "--tpm", help="Client-side tokens per minute."),
+    max_usd: Optional[float] = typer.Option(None, "--max-usd", help="Stop before this run's estimated spend exceeds this many US dollars (cached answers cost nothing); default: no cap."),
+    concurrency: int = typer.Option(CaptionOptions.concurrency, "--concurrency", help="Requests in flight at once (sync mode); --rpm and --tpm still cap the rate."),
+    rpm: Optional[float] = typer.Option(None, "--rpm", help="Client-side cap on requests per minute (default: none; the server's 429s are honoured either way)."),
+    tpm: Optional[float] = typer.Option(None, "--tpm", help="Client-side cap on tokens per minute, estimated before sending (default: none)."),
     mode: str = typer.Option(CaptionOptions.mode, "--mode", help="sync | batch (Batch API, 50% cheaper, up to 24 h)."),
-    detail: str = typer.Option(CaptionOptions.detail, "--detail", help="low | high image detail."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images client-side to this longest side before sending (open-model servers ignore --detail)."),
+    detail: str = typer.Option(CaptionOptions.detail, "--detail", help="low | high | auto: the image detail asked of the model (high costs more image tokens)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Resize images client-side to this longest side in pixels before sending (default: the PNG as rendered; open-model servers ignore --detail)."),
     reasoning_effort: Optional[str] = typer.Option(None, "--reasoning-effort", help="none|minimal|low|medium|high|xhigh for reasoning models (default low for gpt-5*/o*)."),
     max_tokens: int = typer.Option(CaptionOptions.max_tokens, "--max-tokens", help="Completion tokens for the caption (reasoning models get an allowance for reasoning on top)."),
     prices_file: Optional[Path] = typer.Option(None, "--prices", help='JSON {"model": {"input": USD/1M, "output": USD/1M, "image_tokens": N}} for models the built-in table lacks.'),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Your prompt template (system, a line ---, user text with {modality} {plane} {level} {body_region} {structures}); its hash is the prompt version."),
     context: str = typer.Option(CaptionOptions.context, "--context", help="What ground truth the prompt carries: labels (default) | metadata (no label structures) | none (image only)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Counts, tokens and USD; no request is sent."),
-    status: bool = typer.Option(False, "--status", help="Show pending batches and exit."),
-    retry_refused: bool = typer.Option(False, "--retry-refused", help="Re-ask refused slices with the fallback prompt."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what a run would send (counts, tokens, USD); no request is sent, nothing is written."),
+    status: bool = typer.Option(False, "--status", help="List this workdir's pending Batch API batches and exit."),
+    retry_refused: bool = typer.Option(False, "--retry-refused", help="Re-ask slices the model refused (or answered empty) with the fallback prompt; the new answers are paid."),
     all_slices: bool = typer.Option(False, "--all", help="Every slice in slice order instead of the ranked order."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Release manifest to write (default manifests/v1.parquet; never overwritten)."),
     no_wait: bool = typer.Option(False, "--no-wait", help="Batch mode: submit/advance and return instead of polling."),
@@ -104,22 +114,23 @@ def caption_cmd(
         raise _fail_line(str(exc), 2) from None
     with _progress() as progress:
         tasks: dict[str, int] = {}
+        answered = {"captioning": 0}
 
         def on_progress(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
                 tasks[stage] = progress.add_task(stage, total=total, note="")
+            answered[stage] = done
             progress.update(tasks[stage], completed=done, total=total)
 
         def on_update(s) -> None:
-            usd = "n/a" if s.usd_actual is None else f"${s.usd_actual:.4f}"
-            note = (f"cached {s.cached} · ok {s.succeeded} · refused {s.refused} · failed {s.failed} · "
-                    f"tokens {s.prompt_tokens}/{s.completion_tokens} · {usd}")
             if "captioning" in tasks:
-                progress.update(tasks["captioning"], note=note)
+                progress.update(tasks["captioning"], note=_progress_note(s, answered["captioning"]))
 
         try:
             result = run_release(workdir, options, progress=on_progress, on_update=on_update,
                                  on_wait=lambda line: console.print(line, soft_wrap=True))
+            if "captioning" in tasks:  # the bar's last line: the run's final counts
+                progress.update(tasks["captioning"], note=_progress_note(result.summary, answered["captioning"]))
         except (FileNotFoundError, FileExistsError, ValueError) as exc:
             raise _fail_line(str(exc), 2) from None
         except (RunLocked, CacheError) as exc:

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from typer.core import TyperCommand, TyperGroup
 
 from curation.privacy.scrub import one_line
 
@@ -24,12 +25,64 @@ from curation.privacy.scrub import one_line
 console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())  # progress, warnings, errors
 out = Console(soft_wrap=not sys.stdout.isatty())  # results
 
-WorkdirOpt = typer.Option(Path("."), "--workdir", help="Where manifests/, volumes/, cache/, checkpoints/ ... live.")
+WorkdirOpt = typer.Option(Path("."), "--workdir", help="The workdir: every output goes under it (manifests/, "
+                          "volumes/, cache/, embeddings/, checkpoints/, exports/, reports/); relative paths in "
+                          "manifests are relative to it.")
 DEBUG_ENV = "MED3DINSIGHT_DEBUG"  # set to 1 for tracebacks (same as --debug)
 
 
+def _tidy_help(command: Any) -> None:
+    """Help as written, whatever it contains: with rich markup on (typer's default), a help text
+    or docstring naming ``pip install 'med3dinsight[ray]'`` would lose ``[ray]`` as a markup tag,
+    so brackets are escaped (once, here: nothing else escapes help texts). On/off flags take no
+    value, so they show no ``<bool>`` type either (typer shows one for every flag, --help too)."""
+    rich = getattr(command, "rich_markup_mode", None) == "rich"
+    if rich and command.help:
+        command.help = escape(command.help)
+    for param in command.params:
+        if rich and getattr(param, "help", None):
+            param.help = escape(param.help)
+        _no_flag_metavar(param)
+
+
+def _no_flag_metavar(param: Any) -> None:
+    if getattr(param, "is_flag", False) and not getattr(param, "count", False) and param.metavar is None:
+        param.metavar = ""
+
+
+class _TidyHelp:
+    """Help texts shown as written, flags shown without a value (see `_tidy_help`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _tidy_help(self)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            _no_flag_metavar(option)
+        return option
+
+
+class _Command(_TidyHelp, TyperCommand):
+    """A command of the apps."""
+
+
+class _Group(_TidyHelp, TyperGroup):
+    """The app itself (its --help lists the commands)."""
+
+
+class _App(typer.Typer):
+    """``app.command(...)`` makes `_Command`s unless told otherwise."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", _Command)
+        return super().command(*args, **kwargs)
+
+
 def new_app(help: str) -> typer.Typer:
-    return typer.Typer(help=help, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+    """A console app: `_Command`s and a `_Group` (help texts as written, flags without a value)."""
+    return _App(help=help, cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
 def progress_bar() -> Progress:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from med3dinsight.caption import caption_cmd
-from med3dinsight.common import new_app, out, run_console
+from med3dinsight.common import WorkdirOpt, new_app, out, run_console
 from med3dinsight.explore import query_cmd, report_cmd, stats_cmd
 from med3dinsight.lookup import lookup_cmd
 from med3dinsight.rank import rank_cmd
@@ -19,22 +20,25 @@ app = new_app("Curate 3D CT/MRI volumes into slice data: sample-data, slice, mer
 
 @app.command("sample-data")
 def sample_data(
-    out_dir: Path = typer.Option(Path("data/sample"), "--out", help="Folder to write the sample dataset into."),
-    resolution: int = typer.Option(2, "--resolution", help="MNI152 template resolution in mm (1 or 2)."),
+    workdir: Path = WorkdirOpt,
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder to write the sample dataset into, as given (relative: to the current folder); default: <workdir>/data/sample."),
+    resolution: int = typer.Option(2, "--resolution", help="Voxel size in mm of the MNI152 template used (1 or 2; 1 is about 8x the voxels)."),
 ) -> None:
     """Build a small real dataset from volumes that installed packages ship (no download).
 
     nilearn's MNI152 T1 template with grey/white-matter masks as labels (an MSD task folder),
     nibabel's test MR volumes (MedicalNet-style images/ folder and list file) and DICOM from
     pydicom / pydicom-data. Use the 3dseg8/ folder with `--dataset 3dseg8` and dicom/ with
-    `--dataset dicom`.
+    `--dataset dicom`. A rerun leaves files that are already right alone.
     """
-    from curation.sample.sample_data import make_sample_data
+    from curation.sample.sample_data import default_out, make_sample_data
 
-    roots = make_sample_data(out_dir, resolution=resolution)
+    roots = make_sample_data(out_dir if out_dir is not None else default_out(workdir), resolution=resolution)
     for name, root in roots.items():
-        out.print(f"{name:8s} {root}")
-    out.print(f"next: curate slice --dataset 3dseg8 --root {roots['3dseg8']}")
+        out.print(f"{name:8s} {root}", markup=False, highlight=False, soft_wrap=True)
+    where = "" if workdir == Path(".") else f" --workdir {workdir}"
+    out.print(f"next: curate slice --dataset 3dseg8 --root {roots['3dseg8']}{where}", markup=False, highlight=False,
+              soft_wrap=True)
 
 
 app.command("slice")(slice_cmd)

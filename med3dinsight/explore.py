@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 
 from med3dinsight.common import WorkdirOpt, console, fail, out
 
@@ -15,8 +14,8 @@ from med3dinsight.common import WorkdirOpt, console, fail, out
 def query_cmd(
     sql: str = typer.Argument(..., help='SQL over the views volumes, slices, captions, e.g. "SELECT plane, count(*) FROM slices GROUP BY 1"'),
     workdir: Path = WorkdirOpt,
-    fmt: str = typer.Option("table", "--format", help="table | csv | json | parquet"),
-    output: Optional[Path] = typer.Option(None, "--output", help="File to write (needed for parquet)."),
+    fmt: str = typer.Option("table", "--format", help="How the result is written: table (aligned text) | csv | json (one record per line) | parquet (needs --output)."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write the result to this file instead of printing it (needed for parquet)."),
 ) -> None:
     """Run SQL (DuckDB) over the Parquet manifests."""
     import duckdb
@@ -37,8 +36,8 @@ def query_cmd(
 
 def report_cmd(
     workdir: Path = WorkdirOpt,
-    size: int = typer.Option(256, "--size", help="Thumbnail PNG size in pixels."),
-    max_volumes: Optional[int] = typer.Option(None, "--max-volumes", help="Only the first N volumes get pages."),
+    size: int = typer.Option(256, "--size", help="Side in pixels of the slice thumbnails in the report."),
+    max_volumes: Optional[int] = typer.Option(None, "--max-volumes", help="Only the first N volumes (by volume_id) get pages (default: all)."),
 ) -> None:
     """Write a static HTML gallery (reports/index.html): planes, chosen slices, captions, evaluation.
 
@@ -49,9 +48,9 @@ def report_cmd(
     try:
         index = build_report(workdir, size=size, max_volumes=max_volumes)
     except FileNotFoundError as exc:
-        raise fail(escape(str(exc)), 2) from None
+        raise fail(str(exc), 2) from None
     except OSError as exc:  # an unreadable array (StoreError names it), a read-only workdir
-        raise fail(escape(str(exc) if not exc.filename else f"{exc.filename}: {exc.strerror}"), 1) from None
+        raise fail(str(exc) if not exc.filename else f"{exc.filename}: {exc.strerror}", 1) from None
     out.print(f"report: {index}")
 
 

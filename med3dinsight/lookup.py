@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 
 from med3dinsight.common import WorkdirOpt, fail, out
 
@@ -23,10 +22,10 @@ def lookup_cmd(
 
     pmap = PrivateMap(workdir)
     if not pmap.path.exists():
-        raise fail(escape(f"{Workdir(workdir).private_map}: no private map (nothing pseudonymised in this workdir)"), 1)
+        raise fail(f"{Workdir(workdir).private_map}: no private map (nothing pseudonymised in this workdir)", 1)
     entries = pmap.lookup(ident)
     if not entries:
-        raise fail(escape(f"{ident}: not in {pmap.path}"), 1)
+        raise fail(f"{ident}: not in {pmap.path}", 1)
     for e in entries:
         out.print(f"{e.get('id')}\tcase {e.get('case_id')}\t{e.get('source')}"
                   + (f"\tlabel {e['label']}" if e.get("label") else "")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from med3dinsight.common import WorkdirOpt, console, out, say
+from curation.sources.datasets import DATASETS
+from med3dinsight.common import WorkdirOpt, console, fail, out, say
 from med3dinsight.common import progress_bar as _progress
 
 
@@ -20,21 +22,21 @@ def _fail(exc: BaseException, code: int = 2) -> typer.Exit:
 
 
 def slice_cmd(
-    dataset: str = typer.Option(..., "--dataset", help="3dseg8 | nifti | dicom | msd"),
-    root: Path = typer.Option(..., "--root", help="Dataset root folder.", exists=True, file_okay=False),
+    dataset: str = typer.Option(..., "--dataset", help="Layout of --root: 3dseg8 (MSD task folders, LiTS/BraTS/MedicalNet layouts, anything else by the nifti rules) | nifti (any folder of NIfTI files) | dicom (any tree of DICOM series; always pseudonymised) | msd (one Decathlon task folder)."),
+    root: Path = typer.Option(..., "--root", help="Folder holding the dataset (must exist); nothing outside it is read.", exists=True, file_okay=False),
     workdir: Path = WorkdirOpt,
-    grid_size: int = typer.Option(128, "--grid-size", help="Cube grid of the training volume (paper: 128)."),
+    grid_size: int = typer.Option(128, "--grid-size", help="Side in voxels of the cubic training volume (volumes/<id>/volume.npy is N^3; paper: 128); slice indices run 0..N-1."),
     spacing: float = typer.Option(1.0, "--spacing", help="Finest display-volume voxel size in mm: finer source axes shrink to it, coarser ones are kept as acquired."),
-    min_foreground: float = typer.Option(0.01, "--min-foreground", help="Skip slices with less foreground than this fraction."),
-    ct_window: str = typer.Option("-1000,1000", "--ct-window", help="HU window mapped to [0,1] for CT training volumes."),
-    label_root: Optional[Path] = typer.Option(None, "--label-root", help="nifti: folder holding label files."),
+    min_foreground: float = typer.Option(0.01, "--min-foreground", help="Index only slices whose body (foreground) fraction is at least this, from 0 to 1; others get no row."),
+    ct_window: str = typer.Option("-1000,1000", "--ct-window", help="LOW,HIGH in Hounsfield units mapped to [0,1] for CT training volumes (MR uses the foreground's 0.5-99.5th percentiles)."),
+    label_root: Optional[Path] = typer.Option(None, "--label-root", help="nifti: folder of label files matched to the images by name (default: a sibling labels/ folder, <stem>_seg files, or a case folder's one segmentation file)."),
     workers: int = typer.Option(1, "--workers", help="Worker processes (with --executor ray and no --ray-address: the CPUs of the local Ray)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: process only every n-th volume from i (then `curate merge`); auto: this SLURM array task's (SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT)."),
     executor: str = typer.Option("local", "--executor", help="local: this machine (--workers processes); ray: one Ray task per volume (pip install 'med3dinsight[ray]'). See docs/cluster.md."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--executor ray: the cluster to join (auto: the one `ray start --head` made; ray://host:10001); default: start a local Ray."),
     render_all: bool = typer.Option(False, "--render-all", help="Render every slice PNG now (tens of GB on a full 3DSeg-8)."),
-    render_size: int = typer.Option(512, "--render-size", help="PNG size in pixels."),
-    strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any volume failed."),
+    render_size: int = typer.Option(512, "--render-size", help="Side in pixels of the slice PNGs that --render-all writes now (cache/png/<size>/)."),
+    strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any volume failed (default: only when none succeeded)."),
     modality: Optional[str] = typer.Option(None, "--modality", help="Force the modality of every volume (CT, MR); default: dataset.json, DICOM header, known sub-datasets, then a guess."),
     body_region: Optional[str] = typer.Option(None, "--body-region", help="Force the body region (brain, head, chest, abdomen, pelvis, heart)."),
     pseudonymize: bool = typer.Option(False, "--pseudonymize", help="Keyed pseudonymous ids only in manifests, records, reports and logs; real paths go to private/source_map.jsonl (always on for --dataset dicom). See `curate lookup`."),
@@ -50,6 +52,10 @@ def slice_cmd(
     is non-zero only when nothing succeeded (with --shard: when the dataset has no volumes at
     all), or with --strict when anything failed.
     """
+    if dataset not in DATASETS:  # before any worker starts or progress bar shows
+        close = difflib.get_close_matches(dataset, DATASETS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise fail(f"--dataset {dataset!r}: unknown dataset; choose from {', '.join(DATASETS)}{hint}", 2)
     from curation.slicing.prestart import start_slice_workers
 
     start_slice_workers(workers, executor)  # the workers' imports, beside this process's own
@@ -97,7 +103,13 @@ def slice_cmd(
     table.add_row("processed", str(summary.processed))
     table.add_row("resumed (already done)", str(summary.skipped))
     table.add_row("errors", str(summary.errors))
-    table.add_row("slices indexed", str(summary.slices))
+    if cfg.shard is not None:  # the shard's own manifest
+        table.add_row("slices indexed (this shard)", str(summary.slices))
+    else:
+        run_slices = _run_slices(summary, dataset)
+        if run_slices is not None:
+            table.add_row("slices indexed (this run)", str(run_slices))
+        table.add_row("slices in the workdir (all datasets)", str(summary.slices))
     rate = summary.processed / summary.seconds if summary.seconds > 0 else 0.0
     table.add_row("time", f"{summary.seconds:.1f} s ({rate:.2f} volumes/s)")
     table.add_row("volumes manifest", str(summary.volumes_path))
@@ -115,6 +127,25 @@ def slice_cmd(
     # failing would hold back the `curate merge` that waits on every shard (afterok).
     if ok == 0 and cfg.shard is None:
         raise typer.Exit(1)
+
+
+def _run_slices(summary, dataset: str) -> int | None:
+    """Slices of this run's volumes (finished now or earlier); ``summary.slices`` counts the whole
+    manifest, which keeps every other dataset of the workdir (a run replaces only its own
+    dataset's rows). None when the manifests cannot say."""
+    run = getattr(summary, "run_slices", None)  # a library that counts them itself
+    if run is not None:
+        return int(run)
+    try:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        vols = pq.read_table(summary.volumes_path, columns=["volume_id", "dataset"])
+        ours = vols.filter(pc.equal(vols["dataset"], dataset))["volume_id"].combine_chunks()
+        ids = pq.read_table(summary.slices_path, columns=["volume_id"])["volume_id"]
+        return int(pc.sum(pc.is_in(ids, value_set=ours)).as_py() or 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def merge_cmd(workdir: Path = WorkdirOpt) -> None:

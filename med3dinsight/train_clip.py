@@ -15,7 +15,7 @@ from med3dinsight.train_options import main_process, manifest_path, metrics_line
 from training.clip.config import ClipTrainConfig as C
 from training.loop.errors import TrainingError
 
-ManifestOpt = typer.Option(Path("manifests/v1.parquet"), "--manifest", help="Release manifest (path, or name under manifests/).")
+ManifestOpt = typer.Option(Path("manifests/v1.parquet"), "--manifest", help="Release manifest from `curate caption`: a name such as v2 (manifests/v2.parquet) or a path (relative: to the cwd, else the workdir).")
 
 
 def clip_cmd(

@@ -18,7 +18,10 @@ def _metric_text(test: dict) -> str:
     if "dice" in test:
         per = ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in test["dice"].items())
         mean = "-" if test["dice_mean"] is None else f"{test['dice_mean']:.3f}"
-        return f"Dice mean {mean} ({per})"
+        text = f"Dice mean {mean} ({per})"
+        if test.get("dice_mean_ignore_empty") is not None:
+            text += f"; ignoring volumes that lack a class: {test['dice_mean_ignore_empty']:.3f}"
+        return text
     auc = "-" if test.get("auc") is None else f"{test['auc']:.3f}"
     return f"accuracy {test['accuracy']:.3f}, AUC {auc}"
 
@@ -31,7 +34,16 @@ def finetune_cmd(
                        "or a `train pretrain` checkpoint."),
     where: Optional[str] = option(C, "where", help="SQL condition over volumes.parquet, e.g. \"subset = 'Task09_Spleen'\"."),
     labels: Optional[str] = option(C, "labels", help="cls: CSV with a header case_id,label."),
-    train_fraction: float = option(C, "train_fraction", help="Share of the train cases used (data efficiency)."),
+    train_fraction: float = option(C, "train_fraction", help="Share of the train cases used (data efficiency); "
+                                   "stratified by class (seg: the label classes a case holds; cls: its label) and "
+                                   "nested: the 25% subset lies inside the 50% one for the same --seed."),
+    split_file: Optional[str] = option(C, "split_file", help="Choose the split: CSV case_id,split (train/val/test; "
+                                       "ids: case_id, volume_id or the source file's name) or nnU-Net's "
+                                       "splits_final.json (with --fold k; its val cases are scored). Default: the "
+                                       "release's subject hash split."),
+    fold: Optional[int] = option(C, "fold", help="The fold of --split-file (splits_final.json) or of --folds."),
+    folds: Optional[int] = option(C, "folds", help="Cross-validation: deterministic subject-level N folds over the "
+                                  "selected labelled cases, stratified by class; --fold k is scored, the rest train."),
     steps: Optional[int] = option(C, "steps", extra="0 scores the initial network."),
     epochs: int = option(C, "epochs"),
     stop_after: Optional[int] = option(C, "stop_after"),
@@ -57,13 +69,15 @@ def finetune_cmd(
 
     Writes checkpoints/finetune/<name>/: final.pt (the MONAI network's state dict), final.json
     (class and constructor args; training.finetune.nets.load_final rebuilds it strictly),
-    metrics.json ({"test": {"dice_mean", "dice": {class: x}}} or accuracy/auc), metrics.jsonl.
+    metrics.json ({"test": {"dice_mean", "dice": {class: x}}} or accuracy/auc, and the "split"
+    used), metrics.jsonl. Dice: a class predicted on a volume that lacks it counts as 0; a class
+    absent from both is not counted (MONAI's ignore-empty figure: dice_mean_ignore_empty).
     """
     from training.finetune.train import finetune
 
     cfg = C(
         workdir=workdir, task=task, encoder=encoder, init=init, where=where, labels=labels,
-        train_fraction=train_fraction, steps=steps, epochs=epochs, stop_after=stop_after, batch_size=batch_size, lr=lr,
+        train_fraction=train_fraction, split_file=split_file, fold=fold, folds=folds, steps=steps, epochs=epochs, stop_after=stop_after, batch_size=batch_size, lr=lr,
         wd=wd, warmup=warmup, grad_clip_norm=grad_clip_norm, precision=precision, workers=workers, resume=resume,
         seed=seed, name=name, encoder_kwargs=parse_kwargs(encoder_arg), img_size=img_size, feature_size=feature_size,
         log_every=log_every, report_to=report_to, ckpt_every=ckpt_every, device=device,
@@ -77,6 +91,11 @@ def finetune_cmd(
     table = Table(title=f"train finetune ({task}, {encoder}, init {init})", show_header=False)
     table.add_row("steps", f"{res.start_step} -> {res.step} of {res.total_steps}")
     table.add_row("volumes train / test", f"{res.n_train} / {res.n_test}")
+    if res.metrics:
+        sp = res.metrics.get("split", {})
+        where = {"file": f"--split-file {sp.get('file')}", "folds": f"--folds {sp.get('folds')} --fold {sp.get('fold')}"}
+        fold = f" fold {sp['fold']}" if sp.get("source") == "file" and sp.get("fold") is not None else ""
+        table.add_row("split", where.get(sp.get("source"), "release hash split") + fold)
     if res.losses:
         table.add_row("loss (first / last)", f"{res.losses[0]:.3f} / {res.losses[-1]:.3f}")
     table.add_row("test", _metric_text(res.metrics["test"]) if res.metrics else "(stopped early; --resume latest)")

@@ -74,7 +74,7 @@ def manifest_path(workdir: Path, manifest: Path | str) -> Path:
     """The release manifest a command names, or one line saying what is missing."""
     try:
         return resolve_manifest(workdir, manifest)
-    except FileNotFoundError as exc:
+    except FileNotFoundError as exc:  # names the path it stands for and the releases there are
         raise fail(str(exc)) from None
 
 

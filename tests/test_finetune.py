@@ -113,6 +113,7 @@ def test_steps_0_from_an_export_is_the_export_and_scratch_differs(workdir: Path,
     m = json.loads((pre.directory / "metrics.json").read_text())
     assert set(m["test"]["dice"]) == {"cube", "bar"} and m["step"] == 0
     assert 0 <= m["test"]["dice_mean"] <= 1 and m["test"]["n_volumes"] == 2
+    assert set(m["test"]["dice_ignore_empty"]) == {"cube", "bar"} and m["split"]["source"] == "hash"
     assert m == pre.metrics
     rows = [json.loads(ln) for ln in (pre.directory / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["test/dice_mean"] == m["test"]["dice_mean"]

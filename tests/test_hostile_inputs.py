@@ -234,7 +234,7 @@ def test_links_out_of_root_are_not_followed(tmp_path: Path, dataset: str) -> Non
 
 
 def test_export_packs_only_files_inside_the_workdir(tmp_path: Path) -> None:
-    from curation.store.release_export import export_release
+    from curation.report.release_export import export_release
 
     w = tmp_path / "w"
     png = w / "cache/png/64/v/axial_1.png"

@@ -5,19 +5,12 @@ for volumes without a label map."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import ras_affine, write_msd_task
 
-from captions.offline import (
-    OFFLINE_PROMPT_VERSION,
-    caption_diversity,
-    context_extras,
-    diversity_line,
-    offline_caption,
-)
+from captions.offline import OFFLINE_PROMPT_VERSION, caption_diversity, context_extras, diversity_line, offline_caption
 from captions.release import _context
 from curation.slicing.preprocess import PreprocessConfig
 from curation.slicing.stage import SliceConfig, run_slice

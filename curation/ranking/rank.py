@@ -333,7 +333,11 @@ def run_rank(
     if cfg.evaluate:
         # coverage in a space the voter did not optimise: raw thumbnails (builtin used their
         # PCA with the histogram; clip used embeddings)
-        result = evaluate(ranked, feats[rows], coverage_feats=thumbs[rows])
+        # random baselines drawn from what the voter could pick (not deferred), bootstrap by subject
+        case_of = dict(zip(volumes["volume_id"].astype(str), volumes["case_id"].astype(str)))
+        subjects = ranked["volume_id"].astype(str).map(lambda v: case_of.get(v, v)).to_numpy()
+        result = evaluate(ranked, feats[rows], coverage_feats=thumbs[rows], eligible=~np.asarray(defer, bool)[rows],
+                          subjects=subjects)
         result["voter_settings"] = {
             "features": cfg.features, "atypicality_weight": cfg.atypicality_weight,
             "stratify": cfg.stratify, "query": use_query, "query_weight": cfg.query_weight if use_query else None,

@@ -136,6 +136,14 @@ def write_mni_dicom(out: Path, resolution: int = 2) -> Path:
     return dst
 
 
+SAMPLE_DIR = Path("data") / "sample"  # where the sample dataset goes inside a workdir by default
+
+
+def default_out(workdir: str | Path) -> Path:
+    """The sample dataset's default folder: ``<workdir>/data/sample``."""
+    return Path(workdir) / SAMPLE_DIR
+
+
 def make_sample_data(out: str | Path, resolution: int = 2) -> dict[str, Path]:
     """Build the whole sample dataset; returns the roots to pass to `curate slice`."""
     out = Path(out)

@@ -106,7 +106,8 @@ class SliceSummary:
     processed: int = 0
     skipped: int = 0
     errors: int = 0
-    slices: int = 0
+    slices: int = 0  # rows of the slices manifest written (other datasets of the workdir included)
+    run_slices: int = 0  # slices of this run's dataset (or shard)
     seconds: float = 0.0
     error_lines: list[str] = field(default_factory=list)
     volumes_path: Path | None = None
@@ -188,6 +189,7 @@ def run_slice(
 
     records.sort(key=lambda r: r["volume_id"])
     vol_df, slice_df = assemble(records, workdir)
+    summary.run_slices = len(slice_df)
     if cfg.shard is not None:
         i, n = cfg.shard
         summary.volumes_path = _write_volumes(vol_df, wd.shard_manifest("volumes", i, n))

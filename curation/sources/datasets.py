@@ -23,6 +23,9 @@ from curation.sources.volume_spec import NamedProblems, VolumeSpec
 __all__ = ["discover", "label_for", "msd_task", "nifti_folder", "seg8"]
 
 
+DATASETS = ("3dseg8", "nifti", "dicom", "msd")  # the names `discover` knows
+
+
 def discover(dataset: str, root: Path, label_root: Path | None = None, pseudonymize: bool = False,
              series_parts: str = "anatomical", cache_dir: Path | None = None,
              id_key: bytes | None = None) -> tuple[list[VolumeSpec], list[tuple[Path, str]]]:

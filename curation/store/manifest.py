@@ -150,8 +150,27 @@ def resolve_manifest(workdir: str | os.PathLike, manifest: str | os.PathLike) ->
     for candidate in (path, wd.root / path, wd.manifests / path, wd.manifests / f"{path}.parquet"):
         if candidate.is_file():
             return candidate
-    where = path if path.is_absolute() else wd.root / path
-    raise FileNotFoundError(f"{where}: no such manifest (run `curate caption` first)")
+    raise FileNotFoundError(missing_release_line(workdir, manifest))
+
+
+def missing_release_line(workdir: str | os.PathLike, manifest: str | os.PathLike) -> str:
+    """One line for a ``--manifest`` that is not there: the path it stands for (a bare name such
+    as ``v9`` is ``<workdir>/manifests/v9.parquet``; a relative path is under the workdir), then
+    the releases that do exist, or how to make the first."""
+    wd = Workdir(workdir)
+    given = Path(manifest)
+    if given.is_absolute():
+        looked = given
+    elif len(given.parts) == 1:
+        looked = wd.manifests / (given.name if given.suffix == ".parquet" else f"{given.name}.parquet")
+    else:
+        looked = wd.root / given
+    found = release_manifests(workdir)
+    if not found:
+        return f"{looked}: no such manifest; {wd.manifests} holds no release yet (run `curate caption` first)"
+    names = ", ".join(p.stem for p in found)
+    return (f"{looked}: no such manifest; releases in {wd.manifests}: {names} "
+            f"(e.g. --manifest {found[-1].stem}, the latest)")
 
 
 def usable_caption_rows(df: pd.DataFrame) -> pd.Series:

@@ -12,7 +12,7 @@ from training.loop.resume import ResumePolicy
 # What a resume does with a changed field: the data and the network must stay; lr etc. warn.
 RESUME_POLICY = ResumePolicy(
     refuse=("task", "encoder", "init", "where", "labels", "train_fraction", "encoder_kwargs", "img_size",
-            "feature_size", "seed"),
+            "feature_size", "seed", "split_file", "fold", "folds"),
     allow=("workdir", "resume", "name", "workers", "log_every", "ckpt_every", "device", "progress", "report_to", "stop_after"),
 )
 
@@ -27,7 +27,10 @@ class FinetuneConfig:
     init: str = "scratch"  # scratch, an export (.json / .pt) or a pretrain checkpoint
     where: str | None = None  # DuckDB SQL condition over volumes.parquet
     labels: str | None = None  # cls: CSV case_id,label
-    train_fraction: float = 1.0
+    train_fraction: float = 1.0  # share of the train cases, stratified by class and nested across fractions
+    split_file: str | None = None  # CSV case_id,split or nnU-Net's splits_final.json (default: the hash split)
+    fold: int | None = None  # the fold of --split-file (splits_final.json) or of --folds
+    folds: int | None = None  # subject-level k-fold over the selected cases; --fold k is scored
     steps: int | None = None  # overrides epochs
     epochs: int = 100
     stop_after: int | None = None  # end this invocation at this step (schedule unchanged)

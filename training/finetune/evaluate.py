@@ -1,6 +1,9 @@
-"""Loss and test metrics of `train finetune`: DiceCE and Dice per class (MONAI) for seg, accuracy
-and AUC for cls. A class absent from every test volume has no Dice (``None`` in metrics.json);
-``dice_mean`` averages the classes that have one.
+"""Loss and test metrics of `train finetune`: DiceCE for training; for seg, Dice per class and
+volume where a class predicted on a volume that lacks it counts as 0 (a miss) and a class absent
+from both prediction and ground truth is not counted (excluded from that class's mean, the common
+convention); ``dice_mean`` averages the classes that have a value. MONAI's ``ignore_empty`` figure
+(a volume lacking the class is skipped whatever is predicted, so false positives there cost
+nothing) sits beside it as ``dice_mean_ignore_empty`` / ``dice_ignore_empty``. cls: accuracy, AUC.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
@@ -28,28 +30,60 @@ def _num(x: float) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
 
+def dice_per_class(pred: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dice of one volume per foreground class (1..n-1) from integer maps ``pred`` and ``y``:
+    ``(counted, ignore_empty)``. ``counted``: 2|P&G| / (|P| + |G|), 0 when the class is predicted
+    on a volume that lacks it, NaN when both lack it. ``ignore_empty``: NaN whenever the volume
+    lacks the class (MONAI's ``ignore_empty=True``)."""
+    p, g = pred.reshape(-1).long(), y.reshape(-1).long()
+    counted = np.full(n_classes - 1, np.nan)
+    ignore = np.full(n_classes - 1, np.nan)
+    for c in range(1, n_classes):
+        pc, gc = p == c, g == c
+        n_p, n_g = int(pc.sum()), int(gc.sum())
+        if n_p + n_g == 0:
+            continue
+        d = 2.0 * int((pc & gc).sum()) / (n_p + n_g)
+        counted[c - 1] = d
+        if n_g:
+            ignore[c - 1] = d
+    return counted, ignore
+
+
+def summarize_dice(per_volume: list[tuple[np.ndarray, np.ndarray]], classes: list[str]) -> dict[str, Any]:
+    """Per-class means over volumes (NaN = not counted) and their mean, for both rules."""
+    out: dict[str, Any] = {}
+    for i, suffix in enumerate(("", "_ignore_empty")):
+        per = np.stack([v[i] for v in per_volume]) if per_volume else np.full((0, len(classes) - 1), np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            per_class = np.nanmean(per, axis=0) if len(per) else np.full(len(classes) - 1, np.nan)
+        dice = {name: _num(v) for name, v in zip(classes[1:], per_class)}
+        present = [v for v in dice.values() if v is not None]
+        out[f"dice_mean{suffix}"] = float(np.mean(present)) if present else None
+        out[f"dice{suffix}"] = dice
+    out["n_volumes_counted"] = {name: int(np.isfinite([v[0][j] for v in per_volume]).sum())
+                                for j, name in enumerate(classes[1:])}
+    return out
+
+
 @torch.no_grad()
 def evaluate_seg(net: nn.Module, data: VolumeSet, classes: list[str], device: torch.device,
                  precision: Precision) -> dict[str, Any]:
-    """``{"dice_mean", "dice": {class: x}, "n_volumes"}`` over ``data`` (background excluded)."""
+    """``{"dice_mean", "dice": {class: x}, "dice_mean_ignore_empty", "dice_ignore_empty",
+    "n_volumes_counted": {class: n}, "n_volumes"}`` over ``data`` (background excluded; the rule
+    in the module doc)."""
     was = net.training
     net.eval()
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True, num_classes=len(classes))
-    rows = []
+    per_volume = []
     for i in range(len(data)):
         x, y = data.load(i)
         with precision.autocast():
             logits = net(x[None].to(device))
-        pred = logits.float().argmax(1, keepdim=True)
-        rows.append(metric(y_pred=pred, y=y[None].to(device)).cpu().numpy())
+        pred = logits.float().argmax(1)[0].cpu()
+        per_volume.append(dice_per_class(pred, y[0], len(classes)))
     net.train(was)
-    per = np.concatenate(rows) if rows else np.full((0, len(classes) - 1), np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        per_class = np.nanmean(per, axis=0) if len(per) else np.full(len(classes) - 1, np.nan)
-    dice = {name: _num(v) for name, v in zip(classes[1:], per_class)}
-    present = [v for v in dice.values() if v is not None]
-    return {"dice_mean": float(np.mean(present)) if present else None, "dice": dice, "n_volumes": len(data)}
+    return {**summarize_dice(per_volume, classes), "n_volumes": len(data)}
 
 
 @torch.no_grad()

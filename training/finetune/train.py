@@ -1,8 +1,10 @@
 """`train finetune`: does pretraining help downstream? Fine-tune a MONAI network from scratch or
-from a pretrained encoder on the curated volumes and score it on the release's test subjects.
+from a pretrained encoder on the curated volumes and score it on the test subjects: the release's
+hash split, or the user's (``--split-file``, ``--folds N --fold k``; metrics.json's ``split``).
 
-seg: DiceCE loss, Dice per class (MONAI ``DiceMetric``) on the test split; cls: cross-entropy,
-accuracy and AUC. Outputs in ``checkpoints/finetune/<name>/``: ``step_N.pt`` / ``latest.pt``
+seg: DiceCE loss, Dice per class on the test split (a class predicted on a volume that lacks it
+counts as 0; ``training.finetune.evaluate``); a seg run that ends with no Dice is an error. cls:
+cross-entropy, accuracy and AUC. Outputs in ``checkpoints/finetune/<name>/``: ``step_N.pt`` / ``latest.pt``
 (``--resume latest``), ``final.pt`` (the network's state dict), ``final.json`` (class path and
 constructor args: ``training.finetune.nets.load_final`` rebuilds it strictly), ``metrics.json``
 and ``metrics.jsonl``. ``steps=0`` scores the initial network. The toolkit (precision, optim,
@@ -25,7 +27,17 @@ import torch
 from curation.store.fsutil import atomic_write_text
 from curation.store.layout import Workdir
 from training.finetune.config import RESUME_POLICY, FinetuneConfig
-from training.finetune.data import VolumeSet, batch_indices, read_labels, seg_classes, select_volumes, train_subset
+from training.finetune.data import (
+    VolumeSet,
+    batch_indices,
+    case_strata,
+    choose_split,
+    label_values,
+    read_labels,
+    seg_classes,
+    select_volumes,
+    train_subset,
+)
 from training.finetune.evaluate import evaluate_cls, evaluate_seg, seg_loss
 from training.finetune.nets import build_net, encoder_config_for, final_description, load_encoder, net_spec, read_init
 from training.loop.checkpoint import config_dict, resolve_resume, save, warn_if_overwriting
@@ -105,8 +117,13 @@ class Finetuner:
         rows = select_volumes(cfg.workdir, cfg.where)
         if rows.empty:
             raise TrainingError(f"no usable volumes{self._selection_hint()}")
-        self.classes, targets = self._targets(rows)
-        rows = rows[targets.notna()].reset_index(drop=True) if targets is not None else rows
+        self.classes, targets, per_row = self._targets(rows)
+        if targets is not None:
+            keep = targets.notna().to_numpy()
+            rows = rows[keep].reset_index(drop=True)
+            per_row = [v for v, k in zip(per_row, keep) if k]
+        strata = case_strata(rows, per_row)
+        rows, self.split_info = choose_split(rows, cfg.split_file, cfg.fold, cfg.folds, strata)
         init_path = _resolve_init(cfg)
         self.init = read_init(init_path) if init_path is not None else None
         grid = int(rows["grid_size"].iloc[0]) if len(rows) else 128
@@ -116,13 +133,15 @@ class Finetuner:
         self.img_size = enc_cfg.img_size
         self.spec = net_spec(cfg.task, cfg.encoder, enc_cfg, len(self.classes), cfg.feature_size)
 
-        train = train_subset(rows, cfg.train_fraction, cfg.seed)
+        train = train_subset(rows, cfg.train_fraction, cfg.seed, strata)
         test = rows[rows["split"] == "test"].reset_index(drop=True)
         if train.empty:
-            raise TrainingError(f"no train volumes{self._selection_hint()}")
+            raise TrainingError(f"no train volumes{self._selection_hint()}{self._split_hint()}")
         if test.empty:
-            raise TrainingError(f"no test volumes: none of the selected cases falls in the test split"
-                                f"{self._selection_hint()}")
+            raise TrainingError(f"no test volumes: none of the {rows['case_id'].nunique()} selected cases falls in the "
+                                f"test split{self._selection_hint()}{self._split_hint()}")
+        self.split_info.update(n_train_cases=int(train["case_id"].nunique()), n_test_cases=int(test["case_id"].nunique()),
+                               test_cases=sorted(test["case_id"].astype(str).unique()))
         self.train, self.test = self._set(train), self._set(test)
 
         seed_all(cfg.seed)  # the same scratch init (and decoder init) for the same seed
@@ -142,15 +161,26 @@ class Finetuner:
     def _selection_hint(self) -> str:
         return f" among the volumes --where {self.cfg.where!r} selects" if self.cfg.where else ""
 
-    def _targets(self, rows) -> tuple[list[str], Any]:
-        """(class names, per-row target or None for seg); unlabelled rows get NaN and are dropped."""
+    def _split_hint(self) -> str:
+        if self.cfg.split_file or self.cfg.folds:
+            return f" ({self.split_info['source']} split)"
+        return ("; the release's hash split gives few test cases in a small collection: choose them with "
+                "--split-file F (CSV case_id,split, or nnU-Net's splits_final.json with --fold k) or "
+                "cross-validate with --folds N --fold k")
+
+    def _targets(self, rows) -> tuple[list[str], Any, list[Any]]:
+        """(class names, per-row target or None for seg, per-row stratum source: the label values
+        of a seg volume, the label of a cls case); unlabelled rows get NaN and are dropped."""
         if self.cfg.task == "seg":
             labelled = rows["label_volume_path"].notna()
             if not labelled.any():
                 raise TrainingError(f"no volumes with a label volume{self._selection_hint()}")
             if (~labelled).any():
                 log.info("%d selected volumes have no label volume; left out", int((~labelled).sum()))
-            return seg_classes(rows[labelled]), labelled.map({True: 1.0, False: np.nan})
+            values = label_values(self.cfg.workdir, rows[labelled])
+            it = iter(values)
+            per_row = [next(it) if ok else () for ok in labelled]
+            return seg_classes(rows[labelled], values), labelled.map({True: 1.0, False: np.nan}), per_row
         if not self.cfg.labels:
             raise TrainingError("--task cls needs --labels CSV (case_id,label)")
         labels = read_labels(self.cfg.labels)
@@ -162,7 +192,7 @@ class Finetuner:
         missing = int(targets.isna().sum())
         if missing:
             log.info("%d selected volumes have no label in %s; left out", missing, self.cfg.labels)
-        return classes, targets
+        return classes, targets, [labels.get(str(c)) for c in rows["case_id"]]
 
     def _set(self, rows) -> VolumeSet:
         if self.cfg.task == "seg":
@@ -255,8 +285,11 @@ class Finetuner:
         atomic_write_text(self.dir / "final.json", json.dumps(desc, indent=2) + "\n")
         metrics = {"test": test, "step": self.step, "task": self.cfg.task, "encoder": self.cfg.encoder,
                    "init": init, "train_fraction": self.cfg.train_fraction, "n_train": len(self.train),
-                   "n_test": len(self.test), "seed": self.cfg.seed}
+                   "n_test": len(self.test), "seed": self.cfg.seed, "split": self.split_info}
         atomic_write_text(self.dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        if self.cfg.task == "seg" and test.get("dice_mean") is None:
+            raise TrainingError(f"no Dice: none of the {len(self.test)} test volumes holds a class of "
+                                f"{self.classes[1:]} and the network predicts none ({self.dir / 'metrics.json'})")
         return metrics
 
 

@@ -43,13 +43,27 @@ class ExportResult:
     errors: list[str] = field(default_factory=list)
 
     def usage(self, fmt: str) -> str:
-        """The open_clip_train flags that read this export's train split."""
+        """The open_clip_train flags that read this export: train data and, when the release has
+        a val split, val data (open_clip's --val-data), with the sample counts webdataset needs."""
+        n_train, n_val = self.rows.get("train", 0), self.rows.get("val", 0)
+        if not n_train:
+            return "no usable train rows in this release: nothing for open_clip_train to train on"
         if fmt == "csv":
-            return (f"--train-data {self.out / 'train.csv'} --val-data {self.out / 'val.csv'} "
+            val = f"--val-data {self.out / 'val.csv'} " if n_val else ""
+            return (f"--train-data {self.out / 'train.csv'} {val}"
                     "--csv-separator , --csv-img-key filepath --csv-caption-key title")
-        shards = sorted(p.name for p in self.files if p.name.startswith("train-"))
-        spec = shards[0] if len(shards) == 1 else f"train-{{000000..{len(shards) - 1:06d}}}.tar"
-        return f"--dataset-type webdataset --train-data '{self.out / spec}' --train-num-samples {self.rows.get('train', 0)}"
+        flags = f"--dataset-type webdataset --train-data '{self.shards('train')}' --train-num-samples {n_train}"
+        if n_val:
+            flags += f" --val-data '{self.shards('val')}' --val-num-samples {n_val}"
+        return flags
+
+    def shards(self, split: str) -> Path:
+        """The shards of ``split`` as one brace pattern (``train-{000000..000003}.tar``), as
+        open_clip_train's --train-data / --val-data take them (one shard: its own name)."""
+        names = sorted(p.name for p in self.files if p.name.startswith(f"{split}-") and p.name.endswith(".tar"))
+        if len(names) == 1:
+            return self.out / names[0]
+        return self.out / f"{split}-{{000000..{len(names) - 1:06d}}}.tar"
 
 
 def export_release(workdir: str | Path, manifest: str | Path | None = None, fmt: str = "webdataset",
