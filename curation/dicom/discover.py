@@ -1,7 +1,10 @@
 """Find the DICOM series under a folder at header speed: headers only, in parallel, cached.
 
-Each file's header is read once (stop before pixel data) into a small `Header`; a header index
-(`curation.dicom.index`, keyed by path, size and mtime) lets a rerun skip even that. Files of
+Each file's head is read once (`curation.dicom.scan`; pydicom, stopping before the pixel data,
+for what the scanner does not handle) into a small `Header`, in worker processes from 400 files
+up; a header index (`curation.dicom.index`, keyed by path, size and mtime) lets a rerun skip even
+that. A file that is not an image, whose declared frames cannot be in its pixel data, or that
+cannot be read at all is one line in ``skipped``; nothing about one file stops the others. Files of
 one SeriesInstanceUID are split into parts (`curation.dicom.parts`) and the series policy
 decides which parts become volumes. Localizers, secondary captures and dose reports are set
 aside with a reason, not loaded.
@@ -14,6 +17,7 @@ import os
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
 
@@ -27,6 +31,7 @@ from curation.dicom.header import (
     n_frames,
     quiet,
     read_dataset,
+    read_header,
     reason,
     skip_kind,
     text,
@@ -34,7 +39,9 @@ from curation.dicom.header import (
 from curation.dicom.index import HeaderIndex
 from curation.dicom.mosaic import mosaic_images
 from curation.dicom.parts import choose_parts, frame_parts, split_parts
+from curation.dicom.scan import IDENTITY_TAGS, Fallback, Lite
 from curation.dicom.series import DicomSeries, SeriesList, series_key
+from curation.imageio.files import walk_files
 from curation.imageio.volume_io import VolumeError
 
 PARALLEL_MIN_FILES = 400  # below this, starting worker processes costs more than it saves
@@ -65,30 +72,58 @@ def summarize(path: Path, ds: Dataset, group: str) -> Header:
 
 
 @quiet
-def _read_one(path: Path) -> Read:
+def _read_one(path: Path, fast: bool = True) -> Read:
+    """(path, header, identity, "" or why it is not used, hashed SOP UID) of one file; never raises."""
     try:
-        ds = read_dataset(path, pixels=False)
+        if fast:
+            ds = read_dataset(path, pixels=False)
+        else:
+            ds, fault = read_header(path, fast=False)
+            if fault:
+                raise Skip(fault)
+        try:
+            header = summarize(path, ds, _group(ds, path))
+            return path, header, _identity(ds), "", _sop_hash(text(ds, "SOPInstanceUID"))
+        except Fallback:
+            raise
+        except Exception as exc:  # malformed values surface only when converted
+            return path, None, None, f"bad header values ({reason(exc)})", ""
     except Skip as why:
         return path, None, None, str(why), ""
-    try:
-        header = summarize(path, ds, _group(ds, path))
-    except Exception as exc:  # malformed values surface only when converted
-        return path, None, None, f"bad header values ({reason(exc)})", ""
-    return path, header, identity(ds), "", _sop_hash(text(ds, "SOPInstanceUID"))
+    except Fallback:  # the scan lacked something this file needs: read it with pydicom
+        return _read_one(path, fast=False) if fast else (path, None, None, "unreadable DICOM (scan)", "")
+    except Exception as exc:  # one odd file (a name, a permission, a decoder) never stops discovery
+        return path, None, None, f"unreadable ({reason(exc)})", ""
+
+
+_IDENTITIES: dict[tuple, Identity] = {}  # raw identity values -> Identity, per process
+
+
+def _identity(ds: Any) -> Identity:
+    """`identity` of ``ds``, decoded once per distinct set of raw values (the files of a series share them)."""
+    if not isinstance(ds, Lite):
+        return identity(ds)
+    key = ds.key(IDENTITY_TAGS)
+    who = _IDENTITIES.get(key)
+    if who is None:
+        if len(_IDENTITIES) >= 4096:
+            _IDENTITIES.clear()
+        who = _IDENTITIES[key] = identity(ds)
+    return who
 
 
 def _read_chunk(paths: list[Path]) -> list[Read]:
     return [_read_one(p) for p in paths]
 
 
-def _list_files(root: Path) -> list[Path]:
+def _list_files(root: Path, problems: list[tuple[Path, str]]) -> list[Path]:
+    """Every regular file under ``root`` (hidden ones aside), by the one walk every source uses: no
+    link out of ``root`` is followed, and FIFOs, devices, undecodable names and folders that cannot
+    be listed go to ``problems`` (one line each) instead of hanging or stopping the run."""
+    found = walk_files(root, problems, keep_undecodable=True)
     if root.is_file():
-        return [root]
-    out = []
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        out += [Path(folder) / n for n in names if not n.startswith(".")]
-    return sorted(out)
+        return found
+    return [p for p in found if not any(x.startswith(".") for x in p.relative_to(root).parts)]
 
 
 def _read_all(paths: list[Path], index: HeaderIndex, workers: int) -> Iterable[tuple[Read, bool]]:
@@ -162,7 +197,7 @@ def find_series(root: str | Path, series_parts: str = "anatomical", cache_dir: P
     people: dict[str, Identity] = {}
     seen: set[str] = set()
     try:
-        for (path, header, who, skip, sop), _cached in _read_all(_list_files(root), index, workers):
+        for (path, header, who, skip, sop), _cached in _read_all(_list_files(root, result.skipped), index, workers):
             if header is None:
                 result.skipped.append((path, skip))
                 continue

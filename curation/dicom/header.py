@@ -10,7 +10,9 @@ A `Header` holds no patient identifier and no free text, so it may be cached
 from __future__ import annotations
 
 import functools
+import os
 import re
+import struct
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +25,12 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from curation.dicom.identifiers import identifying_values
+from curation.dicom.plausible import pixel_fault
+from curation.dicom.scan import LONG_VRS, PIXEL_TAGS, WANTED, Fallback, NotImage, Pixels, lite, scan
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its .1-.4 multi-frame variants
+SPECIFIC_TAGS = sorted(WANTED)  # what a header-only pydicom read keeps
 DEFER_BYTES = 1024  # full reads seek past larger values (pixel data); read on first use
 LOCALIZER_WORDS = re.compile(r"locali[sz]er|scout|survey|topogram|scanogram|tri-?pilot|\bpilot\b|\bloc\b|3[- ]?plane",
                              re.IGNORECASE)
@@ -106,20 +111,52 @@ def n_frames(ds: Dataset) -> int:
     return max(1, to_int(ds.get("NumberOfFrames"), 1))
 
 
-def read_dataset(path: Path, pixels: bool = True) -> Dataset:
-    """The dataset of ``path`` (headers only unless ``pixels``); `Skip` for what is not an image."""
+def read_header(path: Path, fast: bool = True) -> tuple[Any, str]:
+    """The header of ``path`` as discovery needs it: (dataset, "" or why its pixel data cannot
+    hold the frames it declares). Scanned when it can be (`curation.dicom.scan`; not when
+    ``fast`` is False), else read with pydicom (headers only); `Skip` for what is not an image."""
     try:
         with open(path, "rb") as fh:
-            if pixels:
-                ds = pydicom.dcmread(fh, defer_size=DEFER_BYTES, force=False)
-                has_pixels = "PixelData" in ds
+            size = os.fstat(fh.fileno()).st_size
+            try:
+                scanned = scan(fh, size) if fast else None
+            except NotImage as why:
+                raise Skip(str(why)) from None
+            if scanned is not None:
+                ds, pixels = lite(scanned), scanned.pixels
             else:
-                ds = pydicom.dcmread(fh, stop_before_pixels=True, force=False)
-                has_pixels = _pixel_tag_follows(fh)
+                fh.seek(0)
+                ds = pydicom.dcmread(fh, stop_before_pixels=True, force=False, specific_tags=SPECIFIC_TAGS)
+                pixels = _pixels_at(fh, *ds.original_encoding)
+            _check_image(ds, pixels is not None)
+            syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "") or ""))
+            return ds, pixel_fault(fh, ds, pixels, size, bool(syntax) and syntax.is_encapsulated)
     except InvalidDicomError:
         raise Skip("not a DICOM file") from None
+    except (Skip, Fallback):
+        raise
     except Exception as exc:  # pydicom raises many types on corrupt files
         raise Skip(f"unreadable DICOM ({reason(exc)})") from None
+
+
+def _pixels_at(fh: Any, implicit: bool | None, little: bool | None) -> Pixels | None:
+    """After a header-only read the file sits at the pixel data element, if there is one."""
+    start = fh.tell()
+    head = fh.read(12)
+    if len(head) < 8:
+        return None
+    order = "<" if little is not False else ">"
+    group, elem = struct.unpack(order + "HH", head[:4])
+    if group << 16 | elem not in PIXEL_TAGS:
+        return None
+    if implicit or head[4:6] not in LONG_VRS:
+        length, offset = struct.unpack(order + "L", head[4:8])[0], start + 8
+    else:
+        length, offset = struct.unpack(order + "L", head[8:12])[0], start + 12
+    return Pixels(offset, None if length == 0xFFFFFFFF else length)
+
+
+def _check_image(ds: Any, has_pixels: bool) -> None:
     sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", "") or "")
     if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
         raise Skip("DICOMDIR index, not an image")
@@ -127,15 +164,25 @@ def read_dataset(path: Path, pixels: bool = True) -> Dataset:
         kind = text(ds, "Modality") or UID(sop_class).name or "unknown object"
         hint = "; truncated file?" if "Image Storage" in UID(sop_class).name else ""
         raise Skip(f"no pixel data ({kind}{hint})")
+
+
+def read_dataset(path: Path, pixels: bool = True) -> Dataset:
+    """The dataset of ``path``; `Skip` for what is not an image. Without ``pixels``, the header
+    as `read_header` gives it, and pixel data that cannot hold the declared frames is a `Skip`."""
+    if not pixels:
+        ds, fault = read_header(path)
+        if fault:
+            raise Skip(fault)
+        return ds
+    try:
+        with open(path, "rb") as fh:
+            ds = pydicom.dcmread(fh, defer_size=DEFER_BYTES, force=False)
+    except InvalidDicomError:
+        raise Skip("not a DICOM file") from None
+    except Exception as exc:  # pydicom raises many types on corrupt files
+        raise Skip(f"unreadable DICOM ({reason(exc)})") from None
+    _check_image(ds, "PixelData" in ds)
     return ds
-
-
-def _pixel_tag_follows(fh: Any) -> bool:
-    """After a header-only read the file sits at the pixel data tag, if there is one."""
-    head = fh.read(8)
-    if len(head) < 8:
-        return False
-    return int.from_bytes(head[:2], "little") == 0x7FE0 or int.from_bytes(head[:2], "big") == 0x7FE0
 
 
 def skip_kind(ds: Dataset) -> str:

@@ -27,7 +27,8 @@ def identifying_values(ds: Any) -> set[tuple[str, str]]:
             value = ds.get(keyword)
             if value is None or value == "":
                 continue
-            values = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+            many = isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
+            values = list(value) if many else [value]
             found |= {(kind, str(v).strip()) for v in values if str(v).strip()}
     for item in ds.get("OtherPatientIDsSequence") or []:
         if item.get("PatientID"):

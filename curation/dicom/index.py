@@ -17,13 +17,15 @@ from pathlib import Path
 from curation.dicom.header import FrameKey, Header
 from curation.privacy.scrub import keyed_hash
 
-INDEX_VERSION = "1"  # bump when Header or its parts change meaning
+INDEX_VERSION = "2"  # bump when Header, its parts or the skip reasons change meaning (2: frame plausibility)
 FILE_NAME = "dicom_headers.sqlite"
 
 
 def file_key(path: Path, st: os.stat_result, key: bytes | None) -> str:
     text = f"{INDEX_VERSION}|{path}|{st.st_size}|{st.st_mtime_ns}"
-    return keyed_hash(key, text, 32) if key else hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    if key:
+        return keyed_hash(key, text, 32)
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
 def _encode(header: Header | None, skip: str, sop: str) -> str:
@@ -50,11 +52,13 @@ class HeaderIndex:
         self.key = key
         self.db: sqlite3.Connection | None = None
         self.pending: list[tuple[str, str]] = []
+        self.keys: dict[Path, str] = {}
         if folder is None:
             return
         try:
             Path(folder).mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(Path(folder) / FILE_NAME, timeout=30)
+            self.db.execute("PRAGMA synchronous = OFF")  # a cache: a crash costs a reread, not an fsync per batch
             self.db.execute("CREATE TABLE IF NOT EXISTS headers (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
         except (OSError, sqlite3.Error):  # an unusable cache only costs time
             self.db = None
@@ -63,16 +67,21 @@ class HeaderIndex:
         """(header, skip reason, hashed SOP UID) as cached, or None when not cached."""
         if self.db is None:
             return None
+        key = file_key(path, st, self.key)
         try:
-            row = self.db.execute("SELECT v FROM headers WHERE k = ?", (file_key(path, st, self.key),)).fetchone()
-            return None if row is None else _decode(path, row[0])
+            row = self.db.execute("SELECT v FROM headers WHERE k = ?", (key,)).fetchone()
+            if row is not None:
+                return _decode(path, row[0])
         except (sqlite3.Error, ValueError, KeyError, TypeError, IndexError):
-            return None
+            pass
+        self.keys[path] = key  # the put() that follows a miss reuses it
+        return None
 
     def put(self, path: Path, st: os.stat_result, header: Header | None, skip: str = "", sop: str = "") -> None:
         if self.db is None:
             return
-        self.pending.append((file_key(path, st, self.key), _encode(header, skip, sop)))
+        key = self.keys.pop(path, None) or file_key(path, st, self.key)
+        self.pending.append((key, _encode(header, skip, sop)))
         if len(self.pending) >= 1000:
             self.flush()
 

@@ -10,12 +10,14 @@ which the caller scrubs.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from curation.dicom.discover import find_series
 from curation.dicom.header import (
@@ -32,11 +34,13 @@ from curation.dicom.header import (
 )
 from curation.dicom.mosaic import mosaic_frames, mosaic_images, unpack
 from curation.dicom.parts import ORIENTATION_ATOL, SAME_POSITION_MM
+from curation.dicom.scan import Fallback, NotImage, Pixels, lite, scan
 from curation.dicom.series import DicomSeries, SeriesList, series_key
 from curation.imageio.volume_io import LoadedVolume, VolumeError
 
 __all__ = ["DicomSeries", "SeriesList", "find_series", "load_series", "series_key"]
 GAP_TOLERANCE = 0.10  # slice gaps may differ from the median gap by at most 10%
+FAST = True  # plain native files are read without pydicom (tests compare both ways)
 
 
 @quiet
@@ -56,22 +60,74 @@ def load_series(series: DicomSeries, require_geometry: bool = False) -> LoadedVo
     meta["geometry"] == "assumed" if it is CT or MR and not ``require_geometry``.
     """
     try:
-        return _load(series, require_geometry)
+        try:
+            return _load(series, require_geometry, FAST)
+        except Fallback:  # a header the scan does not cover: pydicom reads every file
+            return _load(series, require_geometry, False)
     except VolumeError as exc:
         raise VolumeError(f"{series.name()}: {exc}") from None
 
 
-def _load(series: DicomSeries, require_geometry: bool) -> LoadedVolume:
+def _open(path: Path, fast: bool) -> tuple[Any, Pixels | None]:
+    """The dataset of ``path`` and, when its pixels are plain native samples that are all there
+    (explicit VR little endian, one sample, 8/16/32 bits), where they are: those are read
+    straight into an array; anything else goes through pydicom."""
+    if fast:
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                scanned = scan(fh, size)
+        except (NotImage, OSError):
+            scanned = None
+        if scanned is not None and scanned.pixels is not None and scanned.pixels.length is not None:
+            ds = lite(scanned)
+            if (_native(ds) and scanned.pixels.offset + scanned.pixels.length <= size
+                    and scanned.pixels.length >= _frame_bytes(ds) * n_frames(ds)):
+                return ds, scanned.pixels
+    try:
+        return read_dataset(path), None
+    except Skip as why:
+        raise VolumeError(f"{path}: {why}") from None
+
+
+def _native(ds: Any) -> bool:
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+    return (syntax == ExplicitVRLittleEndian and to_int(ds.get("SamplesPerPixel"), 1) == 1
+            and text(ds, "PhotometricInterpretation").upper() in ("MONOCHROME1", "MONOCHROME2")
+            and to_int(ds.get("BitsAllocated"), 0) in (8, 16, 32)
+            and 1 <= to_int(ds.get("BitsStored"), 0) <= to_int(ds.get("BitsAllocated"), 0)
+            and to_int(ds.get("PixelRepresentation"), -1) in (0, 1))
+
+
+def _frame_bytes(ds: Any) -> int:
+    return int(ds.Rows) * int(ds.Columns) * to_int(ds.get("BitsAllocated"), 0) // 8
+
+
+def _native_pixels(path: Path, ds: Any, where: Pixels) -> np.ndarray:
+    """The samples of a `_native` file as pydicom's ``pixel_array`` gives them (unused high bits
+    cleared, or sign-extended for signed data)."""
+    allocated, stored = to_int(ds.get("BitsAllocated"), 0), to_int(ds.get("BitsStored"), 0)
+    dtype = np.dtype(f"<{'i' if to_int(ds.get('PixelRepresentation'), 0) else 'u'}{allocated // 8}")
+    count = _frame_bytes(ds) * n_frames(ds) // dtype.itemsize
+    with open(path, "rb") as fh:
+        fh.seek(where.offset)
+        arr = np.fromfile(fh, dtype=dtype, count=count)
+    if arr.size != count:
+        raise VolumeError(f"{path}: cannot decode pixel data (file ends inside it)")
+    if stored < allocated:
+        shift = allocated - stored
+        arr = (arr << shift) >> shift
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    return arr.reshape(rows, cols) if n_frames(ds) == 1 else arr.reshape(-1, rows, cols)
+
+
+def _load(series: DicomSeries, require_geometry: bool, fast: bool) -> LoadedVolume:
     if not series.files:
         raise VolumeError(f"{series.series_key}: empty series (no files)")
     folder = series.folder
     where = series.files[0] if len(series.files) == 1 else folder
-    datasets = []
-    for path in series.files:
-        try:
-            datasets.append(read_dataset(path))
-        except Skip as why:
-            raise VolumeError(f"{path}: {why}") from None
+    opened = [_open(path, fast) for path in series.files]
+    datasets, locations = [ds for ds, _ in opened], [at for _, at in opened]
     for path, ds in zip(series.files, datasets):
         _check_pixel_format(path, ds)
     frames: list[Geometry] = []
@@ -99,7 +155,7 @@ def _load(series: DicomSeries, require_geometry: bool) -> LoadedVolume:
     else:
         order = sorted(range(len(frames)), key=lambda n: frames[n].order_hint)
         positions, normal = None, np.array([0.0, 0.0, 1.0])
-    data = _read_pixels(series.files, datasets, frames, order, mosaics)
+    data = _read_pixels(series.files, datasets, frames, order, mosaics, locations)
     keep = _drop_duplicates(data, positions, folder) if positions is not None else None
     if keep is not None:
         data, positions = data[keep], positions[keep]
@@ -170,8 +226,8 @@ def _sort_by_position(frames: list[Geometry], folder: Path) -> tuple[list[int], 
     return order, positions[order], normal
 
 
-def _read_pixels(files: list[Path], datasets: list[Dataset], frames: list[Geometry],
-                 order: list[int], mosaics: list[int]) -> np.ndarray:
+def _read_pixels(files: list[Path], datasets: list[Any], frames: list[Geometry],
+                 order: list[int], mosaics: list[int], locations: list[Pixels | None]) -> np.ndarray:
     """Decode every file once, rescale each chosen frame, and place it at its sorted slot."""
     slot = {(frames[n].file, frames[n].frame): m for m, n in enumerate(order)}
     data = np.empty((len(frames), frames[0].rows, frames[0].cols), dtype=np.float32)
@@ -180,7 +236,7 @@ def _read_pixels(files: list[Path], datasets: list[Dataset], frames: list[Geomet
         wanted.setdefault(fr.file, []).append(fr)
     for n, (path, ds) in enumerate(zip(files, datasets)):
         try:
-            pixels = ds.pixel_array
+            pixels = ds.pixel_array if locations[n] is None else _native_pixels(path, ds, locations[n])
             pixels = unpack(pixels, mosaics[n]) if mosaics[n] else pixels.reshape(-1, int(ds.Rows), int(ds.Columns))
         except Exception as exc:
             raise VolumeError(f"{path}: cannot decode pixel data ({reason(exc)})") from None
@@ -189,7 +245,8 @@ def _read_pixels(files: list[Path], datasets: list[Dataset], frames: list[Geomet
             raise VolumeError(f"{path}: pixel data holds {pixels.shape[0]} frames, header says {expected}")
         for fr in wanted.get(n, []):
             data[slot[(n, fr.frame)]] = pixels[fr.frame].astype(np.float64) * fr.slope + fr.intercept
-        del ds.PixelData  # free the raw bytes before decoding the next file
+        if locations[n] is None:
+            del ds.PixelData  # free the raw bytes before decoding the next file
     return data
 
 

@@ -145,7 +145,7 @@ def _float(value: Any) -> float:
 
 
 def _same_orientation(a: tuple[float, ...] | None, b: tuple[float, ...] | None) -> bool:
-    return (a is None and b is None) or (
+    return a == b or (
         a is not None and b is not None and np.allclose(a, b, atol=ORIENTATION_ATOL))
 
 

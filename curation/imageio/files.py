@@ -51,13 +51,15 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def walk_files(root: str | os.PathLike, problems: Problems | None = None) -> list[Path]:
+def walk_files(root: str | os.PathLike, problems: Problems | None = None, keep_undecodable: bool = False) -> list[Path]:
     """Every regular file under ``root`` (sorted), found without following links out of it.
 
     One (path, reason) in ``problems`` for each thing set aside: a link (to a file or folder)
     that leads outside ``root`` (not followed: its target never appears), a name that is not
     valid UTF-8 (named with its bytes escaped), a FIFO, socket or device, a broken link. Links
     to folders inside ``root`` are not followed either (their files are found where they are).
+    ``keep_undecodable``: files whose name is not valid UTF-8 are kept (DICOM: the name never
+    reaches an output, only the file's content does) instead of set aside.
     """
     problems = problems if problems is not None else []
     top = os.path.realpath(root)
@@ -83,7 +85,7 @@ def walk_files(root: str | os.PathLike, problems: Problems | None = None) -> lis
         dirs[:] = keep
         for name in sorted(names):
             path = os.path.join(folder, name)
-            if not is_text_name(name):
+            if not is_text_name(name) and not keep_undecodable:
                 problems.append((Path(shown(path)), "file name is not valid UTF-8; skipped (rename it)"))
                 continue
             if os.path.islink(path) and not _inside(os.path.realpath(path), top):

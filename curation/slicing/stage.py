@@ -141,6 +141,7 @@ def run_slice(
     specs, problems = discover(
         dataset, Path(root), label_root=label_root, pseudonymize=cfg.pseudonymize, series_parts=cfg.series_parts,
         cache_dir=wd.dicom_header_cache if dicom else None, id_key=PrivateMap(workdir).key() if dicom else None,
+        workers=cfg.workers if dicom else None,
     )
     summary = SliceSummary(discovered=len(specs) + len(problems))
     sources = getattr(problems, "sources", {})

@@ -28,7 +28,7 @@ DATASETS = ("3dseg8", "nifti", "dicom", "msd")  # the names `discover` knows
 
 def discover(dataset: str, root: Path, label_root: Path | None = None, pseudonymize: bool = False,
              series_parts: str = "anatomical", cache_dir: Path | None = None,
-             id_key: bytes | None = None) -> tuple[list[VolumeSpec], list[tuple[Path, str]]]:
+             id_key: bytes | None = None, workers: int | None = None) -> tuple[list[VolumeSpec], list[tuple[Path, str]]]:
     """Volumes of ``dataset`` under ``root`` in a deterministic order, plus inputs not used
     (name, one-line reason).
 
@@ -36,7 +36,8 @@ def discover(dataset: str, root: Path, label_root: Path | None = None, pseudonym
     (relative, absolute, through a link). ``pseudonymize`` (always on for DICOM) marks every
     spec pseudonymous and names problem inputs by content ids instead of paths. DICOM only:
     ``series_parts`` (all | first | anatomical) picks the parts of split series, ``cache_dir``
-    holds the header index, keyed with ``id_key`` (the workdir's private key).
+    holds the header index, keyed with ``id_key`` (the workdir's private key); ``workers``
+    header-reading processes (None: one per CPU).
     """
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
@@ -48,7 +49,8 @@ def discover(dataset: str, root: Path, label_root: Path | None = None, pseudonym
         "msd": lambda: msd_task(root, root, dataset="msd", problems=problems),
     }
     if dataset == "dicom":
-        specs, problems = dicom_tree(root, series_parts=series_parts, cache_dir=cache_dir, id_key=id_key)
+        specs, problems = dicom_tree(root, series_parts=series_parts, cache_dir=cache_dir, id_key=id_key,
+                                     workers=workers)
     elif dataset in finders:
         specs = _guarded(root, problems, finders[dataset])
     else:

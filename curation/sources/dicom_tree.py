@@ -78,7 +78,7 @@ def input_id(path: Path) -> str:
 
 
 def dicom_tree(root: Path, dataset: str = "dicom", series_parts: str = "anatomical", cache_dir: Path | None = None,
-               id_key: bytes | None = None) -> tuple[list[VolumeSpec], list[tuple[Path, str]]]:
+               id_key: bytes | None = None, workers: int | None = None) -> tuple[list[VolumeSpec], list[tuple[Path, str]]]:
     """Every image series (or series part) under ``root``; inputs that are not volumes come back
     as (name, reason).
 
@@ -91,7 +91,7 @@ def dicom_tree(root: Path, dataset: str = "dicom", series_parts: str = "anatomic
     """
     from curation.dicom.load import find_series
 
-    found = find_series(root, series_parts=series_parts, cache_dir=cache_dir, id_key=id_key)
+    found = find_series(root, series_parts=series_parts, cache_dir=cache_dir, id_key=id_key, workers=workers)
     everyone = Scrubber([i for series in found for i in series.identifiers], generic=True)
     problems: list[tuple[Path, str]] = []
     sources: dict[str, str] = {}  # id -> real path, for the private map only

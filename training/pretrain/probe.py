@@ -85,8 +85,9 @@ def probe_encoder(encoder: nn.Module, config: EncoderConfig, seed: int, workdir:
     share, share_tok = token_variance_shares(encoder, workdir, paths, size, device)
     collapsed = bool(np.isfinite(share) and np.isfinite(init) and share < 0.5 * init)
     where = f" over {len(paths)} {split + ' ' if split else ''}volumes"
-    line = (f"between-volume share of token variance{where}: {share:.3f} (fresh init {init:.3f}; per token "
-            f"position {share_tok:.3f}, init {init_tok:.3f})")
+    # Three significant digits: a CNN's share can be 1e-4 and still halve.
+    line = (f"between-volume share of token variance{where}: {share:.3g} (fresh init {init:.3g}; per token "
+            f"position {share_tok:.3g}, init {init_tok:.3g})")
     if collapsed:
         log.warning("encoder collapsed: %s, under half the init's: its tokens hardly depend on the volume", line)
     else:
