@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import sqlite3
@@ -29,6 +30,29 @@ WorkdirOpt = typer.Option(Path("."), "--workdir", help="The workdir: every outpu
                           "volumes/, cache/, embeddings/, checkpoints/, exports/, reports/); relative paths in "
                           "manifests are relative to it.")
 DEBUG_ENV = "MED3DINSIGHT_DEBUG"  # set to 1 for tracebacks (same as --debug)
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of field ``name`` of dataclass ``cls`` (the one place defaults live)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                return f.default_factory()  # type: ignore[misc]
+            raise TypeError(f"{cls.__name__}.{name} has no default")
+    raise TypeError(f"{cls.__name__} has no field {name}")
+
+
+def option(cls: type, name: str, *flags: str, help: str = "", **kw: Any) -> Any:
+    """A typer option for config field ``name`` of ``cls``: its default comes from the dataclass,
+    its flag is ``--name-with-dashes`` unless ``flags`` are given."""
+    return typer.Option(default_of(cls, name), *(flags or ("--" + name.replace("_", "-"),)), help=help, **kw)
+
+
+def switch(cls: type, name: str, on: str, help: str) -> Any:
+    """An on/off option ``--on/--no-on`` for bool field ``name`` of ``cls``."""
+    return typer.Option(default_of(cls, name), f"--{on}/--no-{on}", help=help)
 
 
 def _tidy_help(command: Any) -> None:

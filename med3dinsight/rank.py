@@ -8,32 +8,33 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from med3dinsight.common import WorkdirOpt, fail, out
+from curation.ranking.config import RankConfig as R
+from med3dinsight.common import WorkdirOpt, fail, option, out
 from med3dinsight.common import progress_bar as _progress
 from training.loop.errors import TrainingError
 
 
 def rank_cmd(
     workdir: Path = WorkdirOpt,
-    features: str = typer.Option("builtin", "--features", help="builtin (thumbnail + histogram, PCA) | clip (frozen-CLIP image embeddings; renders and embeds what is missing)."),
-    k: Optional[int] = typer.Option(None, "--k", help="Neighbours each slice votes for (default: automatic per pool)."),
-    dim: int = typer.Option(32, "--dim", help="PCA dimensions of the built-in descriptor (--features builtin)."),
-    dup_threshold: float = typer.Option(0.98, "--dup-threshold", help="Cosine similarity above which a slice counts as a near-duplicate."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the PCA subsample and the k-means clusters; the same seed and data give the same order."),
-    workers: int = typer.Option(1, "--workers", help="Processes for the per-pool voting (1: in this process)."),
-    evaluate_: bool = typer.Option(False, "--evaluate", help="Report labelled-slice hit rate, label and feature-space coverage of the voter vs random over the slices it could pick (and over all), and the central slice, with subject-bootstrap 95% intervals of the differences."),
-    stratify: Optional[str] = typer.Option(None, "--stratify", help="labels: every label class present in a (volume, plane) gets one of the first picks."),
-    atypicality_weight: float = typer.Option(0.0, "--atypicality-weight", help="Weight of the population prior (unlike the same position in other volumes) added to the votes; 0 = plain vote-k."),
-    min_relative_foreground: float = typer.Option(0.25, "--min-relative-foreground", help="Defer slices whose body fraction is under this fraction of their pool's largest."),
-    edge_margin: float = typer.Option(0.05, "--edge-margin", help="Defer slices in this outer fraction of a pool's extent."),
-    body_mask: bool = typer.Option(True, "--body-mask/--no-body-mask", help="Descriptor sees the body only (no CT table, no air)."),
-    query: Optional[str] = typer.Option(None, "--query", help="Text-guided ranking: order each (volume, plane) by the slices' image-text similarity to TEXT (frozen CLIP)."),
+    features: str = option(R, "features", "--features", help="builtin (thumbnail + histogram, PCA) | clip (frozen-CLIP image embeddings; renders and embeds what is missing)."),
+    k: Optional[int] = option(R, "k", "--k", help="Neighbours each slice votes for (default: automatic per pool)."),
+    dim: int = option(R, "dim", "--dim", help="PCA dimensions of the built-in descriptor (--features builtin)."),
+    dup_threshold: float = option(R, "dup_threshold", "--dup-threshold", help="Cosine similarity above which a slice counts as a near-duplicate."),
+    seed: int = option(R, "seed", "--seed", help="Seed of the PCA subsample and the k-means clusters; the same seed and data give the same order."),
+    workers: int = option(R, "workers", "--workers", help="Processes for the per-pool voting (1: in this process)."),
+    evaluate_: bool = option(R, "evaluate", "--evaluate", help="Report labelled-slice hit rate, label and feature-space coverage of the voter vs random over the slices it could pick (and over all), and the central slice, with subject-bootstrap 95% intervals of the differences."),
+    stratify: Optional[str] = option(R, "stratify", "--stratify", help="labels: every label class present in a (volume, plane) gets one of the first picks."),
+    atypicality_weight: float = option(R, "atypicality_weight", "--atypicality-weight", help="Weight of the population prior (unlike the same position in other volumes) added to the votes; 0 = plain vote-k."),
+    min_relative_foreground: float = option(R, "min_relative_foreground", "--min-relative-foreground", help="Defer slices whose body fraction is under this fraction of their pool's largest."),
+    edge_margin: float = option(R, "edge_margin", "--edge-margin", help="Defer slices in this outer fraction of a pool's extent."),
+    body_mask: bool = option(R, "body_mask", "--body-mask/--no-body-mask", help="Descriptor sees the body only (no CT table, no air)."),
+    query: Optional[str] = option(R, "query", "--query", help="Text-guided ranking: order each (volume, plane) by the slices' image-text similarity to TEXT (frozen CLIP)."),
     query_weight: Optional[float] = typer.Option(None, "--query-weight", help="With --query, in [0, 1]: 1 = similarity alone (default), 0 < W < 1 mixes (1-W) x votes + W x similarity percentile."),
     clip: Optional[Path] = typer.Option(None, "--clip", help="CLIP checkpoint for --features clip / --query (default: checkpoints/clip/final.pt)."),
     render_size: int = typer.Option(512, "--render-size", help="PNG size in pixels of the slices rendered for CLIP (512 shares `curate caption`'s PNGs)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per CLIP forward pass."),
     device: Optional[str] = typer.Option(None, "--device", help="Device for CLIP: cpu | cuda | cuda:N (default: CUDA when available)."),
-    include_flagged: bool = typer.Option(False, "--include-flagged", help="Also rank volumes with quality flags (too few voxels, statistical map, constant or empty intensity; see quality_flags in manifests/volumes.parquet). By default their slices stay unranked, so `curate caption` leaves them out."),
+    include_flagged: bool = option(R, "include_flagged", "--include-flagged", help="Also rank volumes with quality flags (too few voxels, statistical map, constant or empty intensity; see quality_flags in manifests/volumes.parquet). By default their slices stay unranked, so `curate caption` leaves them out."),
 ) -> None:
     """Vote-MI-style selection of representative, diverse slices to caption first.
 

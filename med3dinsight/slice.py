@@ -9,8 +9,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from curation.sources.datasets import DATASETS
-from med3dinsight.common import WorkdirOpt, console, fail, out, say
+from curation.slicing.config import PreprocessConfig as P
+from curation.slicing.config import SliceConfig as S
+from curation.sources import DATASETS
+from med3dinsight.common import WorkdirOpt, console, default_of, fail, option, out, say
 from med3dinsight.common import progress_bar as _progress
 
 
@@ -25,23 +27,23 @@ def slice_cmd(
     dataset: str = typer.Option(..., "--dataset", help="Layout of --root: 3dseg8 (MSD task folders, LiTS/BraTS/MedicalNet layouts, anything else by the nifti rules) | nifti (any folder of NIfTI files) | dicom (any tree of DICOM series; always pseudonymised) | msd (one Decathlon task folder)."),
     root: Path = typer.Option(..., "--root", help="Folder holding the dataset (must exist); nothing outside it is read.", exists=True, file_okay=False),
     workdir: Path = WorkdirOpt,
-    grid_size: int = typer.Option(128, "--grid-size", help="Side in voxels of the cubic training volume (volumes/<id>/volume.npy is N^3; paper: 128); slice indices run 0..N-1."),
-    spacing: float = typer.Option(1.0, "--spacing", help="Finest display-volume voxel size in mm: finer source axes shrink to it, coarser ones are kept as acquired."),
-    min_foreground: float = typer.Option(0.01, "--min-foreground", help="Index only slices whose body (foreground) fraction is at least this, from 0 to 1; others get no row."),
-    ct_window: str = typer.Option("-1000,1000", "--ct-window", help="LOW,HIGH in Hounsfield units mapped to [0,1] for CT training volumes (MR uses the foreground's 0.5-99.5th percentiles)."),
+    grid_size: int = option(P, "grid_size", help="Side in voxels of the cubic training volume (volumes/<id>/volume.npy is N^3; paper: 128); slice indices run 0..N-1."),
+    spacing: float = option(P, "spacing", help="Finest display-volume voxel size in mm: finer source axes shrink to it, coarser ones are kept as acquired."),
+    min_foreground: float = option(S, "min_foreground", help="Index only slices whose body (foreground) fraction is at least this, from 0 to 1; others get no row."),
+    ct_window: str = typer.Option(",".join(f"{v:g}" for v in default_of(P, "ct_window")), "--ct-window", help="LOW,HIGH in Hounsfield units mapped to [0,1] for CT training volumes (MR uses the foreground's 0.5-99.5th percentiles)."),
     label_root: Optional[Path] = typer.Option(None, "--label-root", help="nifti: folder of label files matched to the images by name (default: a sibling labels/ folder, <stem>_seg files, or a case folder's one segmentation file)."),
-    workers: int = typer.Option(1, "--workers", help="Worker processes (with --executor ray and no --ray-address: the CPUs of the local Ray)."),
+    workers: int = option(S, "workers", help="Worker processes (with --executor ray and no --ray-address: the CPUs of the local Ray)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: process only every n-th volume from i (then `curate merge`); auto: this SLURM array task's (SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT)."),
     executor: str = typer.Option("local", "--executor", help="local: this machine (--workers processes); ray: one Ray task per volume (pip install 'med3dinsight[ray]'). See docs/cluster.md."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--executor ray: the cluster to join (auto: the one `ray start --head` made; ray://host:10001); default: start a local Ray."),
-    render_all: bool = typer.Option(False, "--render-all", help="Render every slice PNG now (tens of GB on a full 3DSeg-8)."),
-    render_size: int = typer.Option(512, "--render-size", help="Side in pixels of the slice PNGs that --render-all writes now (cache/png/<size>/)."),
-    strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any volume failed (default: only when none succeeded)."),
-    modality: Optional[str] = typer.Option(None, "--modality", help="Force the modality of every volume (CT, MR); default: dataset.json, DICOM header, known sub-datasets, then a guess."),
-    body_region: Optional[str] = typer.Option(None, "--body-region", help="Force the body region (brain, head, chest, abdomen, pelvis, heart)."),
-    pseudonymize: bool = typer.Option(False, "--pseudonymize", help="Keyed pseudonymous ids only in manifests, records, reports and logs; real paths go to private/source_map.jsonl (always on for --dataset dicom). See `curate lookup`."),
-    max_voxels: int = typer.Option(1_000_000_000, "--max-voxels", help="Refuse a source whose header declares more voxels than this, before reading it (0: no limit)."),
-    series_parts: str = typer.Option("anatomical", "--series-parts", help="all | first | anatomical: which parts of a split DICOM series (echoes, magnitude/phase, diffusion, time points) become volumes; anatomical keeps every echo/image type of a series and the first volume of fMRI/DWI/perfusion time series."),
+    render_all: bool = option(S, "render_all", help="Render every slice PNG now (tens of GB on a full 3DSeg-8)."),
+    render_size: int = option(S, "render_size", help="Side in pixels of the slice PNGs that --render-all writes now (cache/png/<size>/)."),
+    strict: bool = option(S, "strict", help="Exit non-zero if any volume failed (default: only when none succeeded)."),
+    modality: Optional[str] = option(S, "modality", help="Force the modality of every volume (CT, MR); default: dataset.json, DICOM header, known sub-datasets, then a guess."),
+    body_region: Optional[str] = option(S, "body_region", help="Force the body region (brain, head, chest, abdomen, pelvis, heart)."),
+    pseudonymize: bool = option(S, "pseudonymize", help="Keyed pseudonymous ids only in manifests, records, reports and logs; real paths go to private/source_map.jsonl (always on for --dataset dicom). See `curate lookup`."),
+    max_voxels: int = option(S, "max_voxels", help="Refuse a source whose header declares more voxels than this, before reading it (0: no limit)."),
+    series_parts: str = option(S, "series_parts", help="all | first | anatomical: which parts of a split DICOM series (echoes, magnitude/phase, diffusion, time points) become volumes; anatomical keeps every echo/image type of a series and the first volume of fMRI/DWI/perfusion time series."),
 ) -> None:
     """Load volumes, preprocess them (RAS, isotropic, [0,1], cube, grid^3) and index every slice.
 

@@ -4,7 +4,6 @@ and the small helpers the `train` commands have in common."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -15,7 +14,8 @@ import typer
 from rich.markup import escape
 
 from curation.store.manifest import resolve_manifest
-from med3dinsight.common import console, fail
+from med3dinsight.common import console, default_of, fail, switch  # noqa: F401  (switch: re-exported)
+from med3dinsight.common import option as _option
 
 # One help text per shared flag; a trainer may add a sentence of its own (``extra``).
 SHARED_HELP = {
@@ -44,30 +44,11 @@ def main_process() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
-def default_of(cls: type, name: str) -> Any:
-    """The default of field ``name`` of dataclass ``cls`` (the one place defaults live)."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            if f.default is not dataclasses.MISSING:
-                return f.default
-            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                return f.default_factory()  # type: ignore[misc]
-            raise TypeError(f"{cls.__name__}.{name} has no default")
-    raise TypeError(f"{cls.__name__} has no field {name}")
-
-
 def option(cls: type, name: str, *flags: str, help: str | None = None, extra: str = "", **kw: Any) -> Any:
-    """A typer option for config field ``name`` of ``cls``: default from the dataclass, flag
-    ``--name-with-dashes`` unless ``flags`` are given, help from SHARED_HELP unless given."""
+    """A trainer option for config field ``name`` of ``cls`` (default from the dataclass), with the
+    shared help text of SHARED_HELP unless ``help`` is given."""
     text = help if help is not None else SHARED_HELP.get(name, "")
-    if extra:
-        text = f"{text} {extra}".strip()
-    return typer.Option(default_of(cls, name), *(flags or ("--" + name.replace("_", "-"),)), help=text, **kw)
-
-
-def switch(cls: type, name: str, on: str, help: str) -> Any:
-    """An on/off option ``--on/--no-on`` for bool field ``name`` of ``cls``."""
-    return typer.Option(default_of(cls, name), f"--{on}/--no-{on}", help=help)
+    return _option(cls, name, *flags, help=f"{text} {extra}".strip(), **kw)
 
 
 def manifest_path(workdir: Path, manifest: Path | str) -> Path:

@@ -121,3 +121,32 @@ def test_clip_step_raises_on_a_non_finite_loss_like_every_trainer():
         train_step(model, chunk, NaNLoss(), opt, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"),
                    Precision("fp32", "cpu"), step=5)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # no update
+
+
+@pytest.mark.parametrize("command,configs", [
+    ("slice", ("curation.slicing.config:SliceConfig", "curation.slicing.config:PreprocessConfig")),
+    ("rank", ("curation.ranking.config:RankConfig",)),
+])
+def test_curate_options_take_their_defaults_from_the_config_classes(command, configs):
+    """Every default in one place: an option named like a config field has that field's default."""
+    import importlib
+
+    import typer
+
+    from med3dinsight.curate import app as curate_app
+
+    fields = {}
+    for spec in configs:
+        module, name = spec.split(":")
+        for f in dataclasses.fields(getattr(importlib.import_module(module), name)):
+            if f.default is not dataclasses.MISSING:
+                fields[f.name] = f.default
+    cmd = typer.main.get_command(curate_app).commands[command]
+    checked = [p.name for p in cmd.params if p.name in fields]
+    assert len(checked) >= 8, checked
+    for p in cmd.params:
+        if p.name in fields and p.name != "query_weight":  # None there means "not given" (checked with --query)
+            default = p.default
+            if isinstance(fields[p.name], tuple) and isinstance(default, str):  # --ct-window LOW,HIGH
+                default = tuple(float(v) for v in default.split(","))
+            assert default == fields[p.name], (command, p.name, p.default, fields[p.name])

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from curation.imageio.files import regular_fault, shown
+from curation.imageio.limits import DEFAULT_MAX_VOXELS  # noqa: F401  (re-exported)
 from curation.imageio.nib import nib
 from curation.imageio.nifti_guard import header_fault
 
@@ -49,7 +50,6 @@ class LoadedVolume:
 
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".img", ".hdr", ".mgz", ".mgh")
-DEFAULT_MAX_VOXELS = 1_000_000_000  # `--max-voxels`: ~4 GB as float32, before any copy
 MAX_DEFLATE_RATIO = 1100  # deflate cannot expand data by more than ~1032x
 
 

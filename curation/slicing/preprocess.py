@@ -24,6 +24,7 @@ import numpy as np
 
 from curation.imageio.nib import nib
 from curation.imageio.volume_io import VolumeError
+from curation.slicing.config import PreprocessConfig  # noqa: F401  (re-exported)
 from curation.slicing.resample import resample_oblique, resize3d
 
 # Display windows (HU) for CT by body region: what a radiologist would look at first.
@@ -41,29 +42,6 @@ CT_DISPLAY_WINDOWS: dict[str, tuple[float, float]] = {
 # An aligned source axis is shrunk for the display volume only when its voxels are finer than
 # this fraction of the display spacing (a 0.95 mm axis is kept as acquired, not resampled to 1 mm).
 DISPLAY_SHRINK_BELOW = 0.9
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """Preprocessing parameters; one place for their defaults."""
-
-    grid_size: int = 128
-    spacing: float = 1.0  # finest display-volume voxel size (mm); coarser source axes are kept
-    ct_window: tuple[float, float] = (-1000.0, 1000.0)  # training volume HU window
-    mr_percentiles: tuple[float, float] = (0.5, 99.5)
-    max_display_dim: int = 640  # cap on display voxels per axis (spacing grows beyond it)
-    foreground_level: float = 0.05  # a pixel counts as foreground above this normalised value
-
-    def fingerprint(self) -> dict:
-        return {
-            "grid_size": self.grid_size,
-            "spacing": self.spacing,
-            "ct_window": list(self.ct_window),
-            "mr_percentiles": list(self.mr_percentiles),
-            "max_display_dim": self.max_display_dim,
-            "foreground_level": self.foreground_level,
-            "algo": 1,
-        }
 
 
 @dataclass

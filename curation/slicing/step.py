@@ -13,16 +13,17 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
 import numpy as np
 
 from curation.imageio.labels import load_label
-from curation.imageio.volume_io import DEFAULT_MAX_VOXELS, VolumeError, load_nifti
+from curation.imageio.volume_io import VolumeError, load_nifti
 from curation.privacy.private_map import PrivateMap
-from curation.slicing.preprocess import PreprocessConfig, guess_modality, preprocess
+from curation.slicing.config import PreprocessConfig, SliceConfig  # noqa: F401  (re-exported)
+from curation.slicing.preprocess import guess_modality, preprocess
 from curation.slicing.prestart import WORKER_MODULE
 from curation.slicing.quality import flag_lines, flag_names, nifti_intent, result_flags, source_flags
 from curation.slicing.render import render_volume_slices
@@ -38,29 +39,6 @@ log = logging.getLogger("curation.slice")
 
 # 4D files without channel names and more volumes than this are time series: keep volume 0.
 MAX_UNNAMED_CHANNELS = 8
-
-
-@dataclass
-class SliceConfig:
-    """Everything `curate slice` needs besides the dataset.
-
-    The step reads the per-volume settings; ``workers``, ``shard`` and ``strict`` are the run's
-    (read by `curation.slicing.stage.run_slice`).
-    """
-
-    workdir: Path
-    pre: PreprocessConfig = field(default_factory=PreprocessConfig)
-    min_foreground: float = 0.01
-    workers: int = 1
-    shard: tuple[int, int] | None = None
-    render_all: bool = False
-    render_size: int = 512
-    strict: bool = False
-    modality: str | None = None  # override for every volume of the run (CT, MR, ...)
-    body_region: str | None = None  # override (brain, chest, abdomen, pelvis, heart, ...)
-    pseudonymize: bool = False  # keyed ids only, real paths in private/ (always on for DICOM)
-    max_voxels: int | None = DEFAULT_MAX_VOXELS  # refuse larger sources before reading them
-    series_parts: str = "anatomical"  # DICOM: all | first | anatomical parts of a split series
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,13 @@ from pathlib import Path
 from typing import Callable
 
 from curation.privacy.scrub import one_line
+from curation.sources import DATASETS  # noqa: F401  (re-exported)
 from curation.sources.dicom_tree import dicom_tree, input_id
 from curation.sources.nifti import Problems, _guarded, label_for, msd_task, nifti_folder
 from curation.sources.seg8 import seg8
 from curation.sources.volume_spec import NamedProblems, VolumeSpec
 
 __all__ = ["discover", "label_for", "msd_task", "nifti_folder", "seg8"]
-
-
-DATASETS = ("3dseg8", "nifti", "dicom", "msd")  # the names `discover` knows
 
 
 def discover(dataset: str, root: Path, label_root: Path | None = None, pseudonymize: bool = False,
