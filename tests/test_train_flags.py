@@ -86,7 +86,7 @@ def test_report_to_writes_tensorboard_and_offline_wandb(tmp_path, monkeypatch):
 def test_few_distinct_captions_are_warned_about(caplog):
     import logging
 
-    from training.clip.train import warn_few_captions
+    from training.loop.runlog import warn_few_captions
 
     with caplog.at_level(logging.WARNING, logger="training"):
         warn_few_captions(["a liver"] * 50 + ["a kidney"] * 50, [f"text {i}" for i in 9 * [0, 1]])

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from captions.offline.diversity import FEW_DISTINCT, caption_diversity
 from curation.store.layout import Workdir
 from training.clip.config import RESUME_POLICY, ClipTrainConfig
 from training.clip.data import ClipPairs, EpochSampler, read_pairs
@@ -40,7 +39,7 @@ from training.loop.optim import adamw
 from training.loop.precision import Precision, resolve_precision
 from training.loop.progress import StepProgress
 from training.loop.rng import rng_state, seed_all, set_rng_state
-from training.loop.runlog import MetricsLog, recall_line, val_metrics
+from training.loop.runlog import MetricsLog, recall_line, val_metrics, warn_few_captions
 from training.loop.state import optimizer_state, restore_optimizer, scheduled_lr
 from training.models.clip_models import (
     CHECKPOINT_FORMAT,
@@ -66,19 +65,6 @@ class ClipTrainResult:
     val_metrics: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)  # this run's metrics.jsonl rows
     seconds: float = 0.0
-
-
-def warn_few_captions(train: Any, val: Any) -> None:
-    """Warn when the captions cannot teach or measure much: few distinct texts to learn from, or
-    a held-out recall computed over fewer than ``FEW_DISTINCT`` distinct texts (R@10 of 9 texts is 1)."""
-    tr, va = caption_diversity(train), caption_diversity(val)
-    if tr["total"] and tr["distinct"] < FEW_DISTINCT:
-        log.warning("the train split has %d distinct captions for %d pairs: a contrastive model learns little "
-                    "from so few texts (richer captions: curate caption --provider openai, or more labels)",
-                    tr["distinct"], tr["total"])
-    if va["total"] and va["distinct"] < FEW_DISTINCT:
-        log.warning("held-out recall is computed over %d distinct texts (fewer than %d): read R@k with that in "
-                    "mind (chance R@1 is about 1/%d)", va["distinct"], FEW_DISTINCT, va["distinct"])
 
 
 def train_clip(cfg: ClipTrainConfig) -> ClipTrainResult:

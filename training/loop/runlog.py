@@ -11,15 +11,18 @@ retrieval under ``val/`` with ``{query}2{target}_R@{k}`` names (``i2t``/``t2i`` 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
+from captions.offline.diversity import FEW_DISTINCT, caption_diversity
 from curation.store.fsutil import atomic_write_text
 from training.loop.errors import TrainingError
 
 METRICS = "metrics.jsonl"
 REPORT_TO = ("tensorboard", "wandb")
+log = logging.getLogger(__name__)
 
 
 def parse_report_to(value: str | None) -> tuple[str, ...]:
@@ -123,3 +126,16 @@ def val_metrics(metrics: dict[str, float] | None) -> dict[str, float]:
 def recall_line(metrics: dict[str, float]) -> str:
     """The recall@k values of ``metrics`` for a log line: ``i2t_R@1=0.500 t2i_R@1=0.250 ...``."""
     return " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if "_R@" in k and not k.startswith("mean"))
+
+
+def warn_few_captions(train: Any, val: Any) -> None:
+    """Warn when the captions cannot teach or measure much: few distinct texts to learn from, or
+    a held-out recall computed over fewer than ``FEW_DISTINCT`` distinct texts (R@10 of 9 texts is 1)."""
+    tr, va = caption_diversity(train), caption_diversity(val)
+    if tr["total"] and tr["distinct"] < FEW_DISTINCT:
+        log.warning("the train split has %d distinct captions for %d pairs: a contrastive model learns little "
+                    "from so few texts (richer captions: curate caption --provider openai, or more labels)",
+                    tr["distinct"], tr["total"])
+    if va["total"] and va["distinct"] < FEW_DISTINCT:
+        log.warning("held-out recall is computed over %d distinct texts (fewer than %d): read R@k with that in "
+                    "mind (chance R@1 is about 1/%d)", va["distinct"], FEW_DISTINCT, va["distinct"])

@@ -34,7 +34,7 @@ from training.loop.optim import warmup_cosine
 from training.loop.precision import resolve_precision
 from training.loop.progress import StepProgress
 from training.loop.rng import rng_state, seed_all, set_rng_state
-from training.loop.runlog import MetricsLog, val_metrics
+from training.loop.runlog import MetricsLog, val_metrics, warn_few_captions
 from training.loop.state import optimizer_state, restore_optimizer, save_step, scheduled_lr
 from training.models.align_model import CKPT_FORMAT, describe, model_encoder_config
 from training.pretrain.config import RESUME_POLICY, PretrainConfig
@@ -126,6 +126,8 @@ class Pretrainer:
             self.data, self.fingerprint = train
             self.grid = grid_of(self.data.rows)
         self.val = self._val_split(manifest)
+        if self.main:
+            warn_few_captions(self.data.rows["caption"], self.val.rows["caption"] if self.val is not None else [])
 
         seed_all(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
         self.state = TrainState.create(cfg, self.grid, self.data.image_emb.shape[1], self.device, precision)
