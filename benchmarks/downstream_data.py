@@ -1,0 +1,175 @@
+"""Cohorts and pretraining inputs of ``bench_downstream.py`` (see its docstring).
+
+- ``build_cohort``: warped MNI152 subjects from ``bench_lesions.make_subject`` (imported, not
+  copied), lesions in about half of them, written as an MSD task and sliced with `curate slice`.
+  The pretraining and downstream cohorts are built from different seeds and subject-id prefixes,
+  so they share no subject.
+- ``ranked``, ``caption_arm``: the project's path on the pretraining cohort: `curate rank` ->
+  `curate caption --provider offline --context labels|metadata` (the release manifest, through the
+  APIs) -> stand-in "CLIP" embeddings (``bench_lesions.standin_embeddings``: no CLIP model runs on
+  CPU in minutes; ``--text-embeddings bow`` replaces its text table by a bag of words).
+- ``shuffle_volumes``: the volume-shuffled control: a copy of a caption arm whose manifest pairs
+  every subject's slices (captions, images, embeddings) with another subject's volume.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from bench_lesions import make_subject, standin_embeddings
+
+from curation.slicing.preprocess import PreprocessConfig
+from curation.slicing.stage import SliceConfig, run_slice
+
+# make_subject sizes lesions and shifts in mm through vox_mm; passing half the template's voxel size
+# doubles them (lesion radii 8-24 mm, shifts up to 12 mm), so that a lesion spans a few voxels of a
+# 32^3 grid (15-120 voxels of 32768); --lesion-scale changes the factor.
+LESION_SCALE = 2.0
+
+
+def build_cohort(root: Path, prefix: str, subjects: int, seed: int, grid: int, lesion_share: float = 0.5,
+                 max_lesions: int = 2, lesion_scale: float = LESION_SCALE) -> Path:
+    """Write ``subjects`` subjects (ids ``<prefix>NNN``) as an MSD task under ``root/data`` and slice
+    them into the workdir ``root/w``; returns the workdir. Subject k has a lesion with probability
+    ``lesion_share`` (1..max_lesions of them), drawn from ``seed``."""
+    from nilearn import datasets as nd
+
+    w = root / "w"
+    if (w / "manifests" / "volumes.parquet").exists():
+        return w
+    res = 2
+    t1img = nd.load_mni152_template(resolution=res)
+    t1 = np.asarray(t1img.dataobj).astype(np.float32)
+    brain = np.asarray(nd.load_mni152_brain_mask(resolution=res).dataobj) > 0
+    task = root / "data" / f"Task96_{prefix}"
+    rng = np.random.default_rng(seed)
+    training = []
+    for s in range(subjects):
+        n = int(rng.integers(1, max_lesions + 1)) if rng.random() < lesion_share else 0
+        img, lab = make_subject(t1, brain, res / lesion_scale, rng, n)
+        sid = f"{prefix}{s:03d}"
+        for kind, arr in (("imagesTr", img), ("labelsTr", lab)):
+            (task / kind).mkdir(parents=True, exist_ok=True)
+            nimg = nib.Nifti1Image(arr, t1img.affine)
+            nimg.set_qform(t1img.affine, code=1)
+            nimg.set_sform(t1img.affine, code=1)
+            nib.save(nimg, str(task / kind / f"{sid}.nii.gz"))
+        training.append({"image": f"./imagesTr/{sid}.nii.gz", "label": f"./labelsTr/{sid}.nii.gz"})
+    info = {"name": prefix, "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "lesion"},
+            "training": training}
+    (task / "dataset.json").write_text(json.dumps(info))
+    run_slice("msd", task, SliceConfig(workdir=w, pre=PreprocessConfig(grid_size=grid), workers=1), log=lambda *_: None)
+    return w
+
+
+def _link_inputs(src: Path, dst: Path, names=("volumes", "cache", "volumes.parquet", "slices.parquet")) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in src.iterdir():
+        if p.name in ("manifests", "embeddings", "checkpoints", "exports", "reports"):
+            continue
+        if not (dst / p.name).exists():
+            (dst / p.name).symlink_to(p.resolve())
+
+
+def ranked(w: Path, dst: Path) -> Path:
+    """A copy of workdir ``w`` after `curate rank` (the default voter order)."""
+    from curation.ranking.rank import RankConfig, run_rank
+
+    if (dst / ".ranked").exists():
+        return dst
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(w, dst, symlinks=True)
+    run_rank(RankConfig(workdir=dst))
+    (dst / ".ranked").touch()
+    return dst
+
+
+def bow_text_embeddings(w: Path) -> None:
+    """Replace the stand-in text table by a bag-of-words one: a caption's vector is the normalised sum
+    of a fixed random vector per word, so captions that share "lesion" share a direction (closer to
+    what a text encoder does than ``standin_embeddings``' random vector per distinct caption)."""
+    import re
+
+    from bench_lesions import EMB_DIM
+
+    from curation.store.embed_store import text_key, write_table
+    from curation.store.manifest import read_manifest
+
+    caps = sorted(set(read_manifest(w / "manifests" / "v1.parquet")["caption"].dropna()))
+    vecs = []
+    for c in caps:
+        e = np.zeros(EMB_DIM)
+        for word in re.findall(r"[a-z]+", c.lower()):
+            e += np.random.default_rng(int(text_key(word)[:12], 16)).normal(size=EMB_DIM)
+        vecs.append(e / (np.linalg.norm(e) + 1e-8))
+    write_table(w, "standin", "text", [text_key(c) for c in caps], np.stack(vecs))
+
+
+def caption_arm(w: Path, dst: Path, context: str, text: str = "random") -> Path:
+    """A copy of the ranked workdir ``w`` with its own offline-captioned release (``--context
+    context``) and stand-in embeddings; returns ``dst``."""
+    from captions.options import CaptionOptions
+    from captions.release import run_release
+
+    if (dst / "manifests" / "v1.parquet").exists():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in w.iterdir():
+        target = dst / p.name
+        if target.exists():
+            continue
+        if p.is_dir():
+            shutil.copytree(p, target, symlinks=True)  # rank/caption write under cache/ etc.
+        else:
+            shutil.copy2(p, target)
+    # `curate caption --provider offline --context <context>`, through its API
+    run_release(dst, CaptionOptions(provider="offline", context=context))
+    standin_embeddings(dst)
+    if text == "bow":
+        bow_text_embeddings(dst)
+    return dst
+
+
+def volume_column(df: pd.DataFrame) -> str:
+    for c in ("volume_path", "volume"):
+        if c in df.columns:
+            return c
+    raise SystemExit(f"manifest has no volume column: {list(df.columns)}")
+
+
+def shuffle_volumes(src: Path, dst: Path, seed: int = 0) -> Path:
+    """Copy of caption arm ``src`` whose manifest gives every subject's rows another subject's volume
+    (a fixed derangement of the volumes): the captions and embeddings no longer describe the volume."""
+    from curation.store.manifest import read_manifest
+
+    if (dst / "manifests" / "v1.parquet").exists():
+        return dst
+    _link_inputs(src, dst)
+    (dst / "manifests").mkdir(parents=True, exist_ok=True)
+    emb = dst / "embeddings"
+    if not emb.exists():
+        emb.symlink_to((src / "embeddings").resolve())
+    df = read_manifest(src / "manifests" / "v1.parquet")
+    col = volume_column(df)
+    vols = sorted(df[col].dropna().unique())
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(vols))
+    # a derangement: rotate a random order by one
+    mapping = {vols[perm[i]]: vols[perm[(i + 1) % len(vols)]] for i in range(len(vols))}
+    moved = [c for c in df.columns if c != col and c.startswith(("volume", "label_volume", "grid", "spacing"))]
+    per_vol = df.drop_duplicates(col).set_index(col)[moved] if moved else None
+    df = df.copy()
+    df[col] = df[col].map(mapping)
+    if per_vol is not None:
+        for c in moved:
+            df[c] = df[col].map(per_vol[c])
+    for p in (src / "manifests").iterdir():
+        if p.name != "v1.parquet" and not (dst / "manifests" / p.name).exists():
+            (dst / "manifests" / p.name).symlink_to(p.resolve())
+    df.to_parquet(dst / "manifests" / "v1.parquet", index=False)
+    return dst
