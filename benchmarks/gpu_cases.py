@@ -212,7 +212,6 @@ def _pretrain_state(p: dict, device: torch.device):
         steps=1000,
         workers=0,
         progress=False,
-        tensorboard=False,
         report_to="",
     )
     known = {f.name for f in dataclasses.fields(PretrainConfig)}  # the config is still moving: pass what it has

@@ -108,9 +108,7 @@ def slice_cmd(
     if cfg.shard is not None:  # the shard's own manifest
         table.add_row("slices indexed (this shard)", str(summary.slices))
     else:
-        run_slices = _run_slices(summary, dataset)
-        if run_slices is not None:
-            table.add_row("slices indexed (this run)", str(run_slices))
+        table.add_row("slices indexed (this run)", str(summary.run_slices))
         table.add_row("slices in the workdir (all datasets)", str(summary.slices))
     rate = summary.processed / summary.seconds if summary.seconds > 0 else 0.0
     table.add_row("time", f"{summary.seconds:.1f} s ({rate:.2f} volumes/s)")
@@ -129,25 +127,6 @@ def slice_cmd(
     # failing would hold back the `curate merge` that waits on every shard (afterok).
     if ok == 0 and cfg.shard is None:
         raise typer.Exit(1)
-
-
-def _run_slices(summary, dataset: str) -> int | None:
-    """Slices of this run's volumes (finished now or earlier); ``summary.slices`` counts the whole
-    manifest, which keeps every other dataset of the workdir (a run replaces only its own
-    dataset's rows). None when the manifests cannot say."""
-    run = getattr(summary, "run_slices", None)  # a library that counts them itself
-    if run is not None:
-        return int(run)
-    try:
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        vols = pq.read_table(summary.volumes_path, columns=["volume_id", "dataset"])
-        ours = vols.filter(pc.equal(vols["dataset"], dataset))["volume_id"].combine_chunks()
-        ids = pq.read_table(summary.slices_path, columns=["volume_id"])["volume_id"]
-        return int(pc.sum(pc.is_in(ids, value_set=ours)).as_py() or 0)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def merge_cmd(workdir: Path = WorkdirOpt) -> None:

@@ -74,8 +74,10 @@ class FinetuneResult:
 def run_name(cfg: FinetuneConfig) -> str:
     """The run's folder name under ``checkpoints/finetune``."""
     if cfg.name:
-        if "/" in cfg.name or cfg.name in (".", ".."):
-            raise TrainingError(f"--name {cfg.name!r}: a plain folder name, please")
+        try:
+            Workdir(cfg.workdir).run_dir("finetune", cfg.name)  # the one check of a run name
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
         return cfg.name
     tag = "scratch" if cfg.init == "scratch" else Path(cfg.init).stem
     return f"{cfg.task}-{cfg.encoder}-{tag}"

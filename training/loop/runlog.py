@@ -46,11 +46,10 @@ class MetricsLog:
             a requested one that is not installed is a TrainingError naming the install.
         run_name: the run's name for wandb (stage/name).
         config: the run's config (plain values), recorded by wandb.
-        tensorboard: TensorBoard when installed, silently nothing when not (older callers).
     """
 
     def __init__(self, directory: Path, resume_step: int | None, main: bool = True, report_to: str | None = None,
-                 run_name: str | None = None, config: dict[str, Any] | None = None, tensorboard: bool = False):
+                 run_name: str | None = None, config: dict[str, Any] | None = None):
         self.path = directory / METRICS
         self.main = main
         self._fh = None
@@ -66,13 +65,6 @@ class MetricsLog:
                     if ln.strip() and json.loads(ln)["step"] <= resume_step]
         atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
         self._fh = self.path.open("a")
-        if tensorboard and "tensorboard" not in targets:
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError:
-                pass
-            else:
-                targets = (*targets, "tensorboard")
         if "tensorboard" in targets:
             try:
                 from torch.utils.tensorboard import SummaryWriter
