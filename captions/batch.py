@@ -44,6 +44,7 @@ ENDPOINT = "/v1/chat/completions"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 DONE = ("ingested", "lost")  # local states that hold no pending request
 NOT_FOUND_TRIES = 3  # 404s in a row (with backoff) before a batch counts as lost
+DOWNLOAD_DEADLINE_FACTOR = 10  # an output file download may take 10 x --timeout as a whole
 STATE_NAME = "batch_state.json"
 
 
@@ -271,12 +272,21 @@ def batch_errors_line(batch: Any) -> str | None:
     return " ".join("; ".join(parts).split()) + more
 
 
+def download_deadline(deadline: float | None) -> float | None:
+    """Seconds one output/error file download may take as a whole: ``DOWNLOAD_DEADLINE_FACTOR`` x
+    ``--timeout`` (600 s at the default 60 s: a 200 MB file at ~340 KB/s). The client's read timeout
+    restarts with every chunk, so without it a server that drips the file would hold the run forever."""
+    return None if deadline is None else DOWNLOAD_DEADLINE_FACTOR * deadline
+
+
 async def _ingest(client: openai.AsyncOpenAI, store: BatchStore, entry: dict[str, Any],
                   cache: CaptionCache, report: BatchReport, policy: RetryPolicy,
-                  secret: str | None, prices: Prices | None = None) -> None:
+                  secret: str | None, prices: Prices | None = None, deadline: float | None = None) -> None:
     """Download output and error files, join by custom_id, commit rows, mark ingested.
 
-    A line that cannot be used is skipped with one warning; the others are all ingested.
+    A line that cannot be used is skipped with one warning; the others are all ingested. Each
+    download is bounded by ``download_deadline(deadline)``; one that keeps failing raises
+    ``FatalAPIError`` and leaves the entry submitted, so the next run downloads it again.
     """
     meta = store.items(entry)
     rows: list[dict[str, Any]] = []
@@ -289,7 +299,7 @@ async def _ingest(client: openai.AsyncOpenAI, store: BatchStore, entry: dict[str
         name = file_key.removesuffix("_id").replace("_", " ")
         try:
             content = await call_with_retry(lambda file_id=file_id: client.files.content(file_id), policy, secret,
-                                            missing="gone")
+                                            missing="gone", deadline=download_deadline(deadline))
         except EndpointMissing:
             log.warning("batch %s: its %s %s is gone from the server (404); its requests are planned again",
                         entry["local_id"], name, file_id)
@@ -381,7 +391,7 @@ async def advance(
                 if line is not None:
                     entry["errors"] = line
                     report.errors.append(redact(f"batch {entry['local_id']} {batch.status}: {line}", secret))
-                await _ingest(client, store, entry, cache, report, policy, secret, prices)
+                await _ingest(client, store, entry, cache, report, policy, secret, prices, deadline)
             elif changed:
                 store.save()
         active = store.active()

@@ -127,6 +127,21 @@ def test_junk_lines_in_a_batch_output_are_skipped_and_every_other_answer_is_inge
         assert len(lookup(requests, options, cache=db)) == 6
 
 
+def test_a_drip_fed_batch_output_download_is_bounded_and_the_next_run_collects_it(tmp_path, start_fake_openai):
+    server = start_fake_openai(batch_delay=0.02, drip_downloads=True, drip_interval=0.05, drip_seconds=30.0)
+    requests = make_requests(write_pngs(tmp_path / "png", 3))
+    cache, batch_dir = tmp_path / "c.sqlite", tmp_path / "b"
+    options = opts(server, mode="batch", poll_interval=0.02, timeout=0.2)  # a download may take 2 s
+    started = time.monotonic()
+    with pytest.raises(Exception, match="kept failing"):
+        run_captions(requests, options, cache=cache, batch_dir=batch_dir)
+    assert time.monotonic() - started < 20  # attempts x 2 s, not the 30 s (or forever) of the drip
+    assert [e["status"] for e in batchflow.BatchStore(batch_dir).active()] == ["submitted"]  # kept, not lost
+    server.config.drip_downloads = False
+    second = run_captions(requests, options, cache=cache, batch_dir=batch_dir)
+    assert (second.succeeded, second.sent) == (3, 0) and server.calls("POST", "/v1/batches") == 1  # paid once
+
+
 def test_a_batch_the_server_forgot_is_marked_lost_and_asked_again(tmp_path, start_fake_openai):
     server = start_fake_openai(batch_delay=0.2)
     requests = make_requests(write_pngs(tmp_path / "png", 4))

@@ -83,7 +83,9 @@ class Handler(BaseHTTPRequestHandler):
             self._send(405, error_body(cfg.flavor, 405, "Method Not Allowed"))
         elif parts[:2] == ["v1", "files"] and len(parts) >= 3 and parts[2] in self.fake.files:
             entry = self.fake.files[parts[2]]
-            if len(parts) == 4 and parts[3] == "content":
+            if len(parts) == 4 and parts[3] == "content" and cfg.drip_downloads:
+                self._drip(entry["data"], "application/octet-stream")
+            elif len(parts) == 4 and parts[3] == "content":
                 self._send(200, entry["data"], content_type="application/octet-stream")
             else:
                 self._send(200, entry["meta"])
@@ -267,21 +269,25 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         elif fault == "invalid_json":
             self._send(200, b'{"id": "chatcmpl-x", "choices": [{"message": {"content": "Axial CT' + b"\x00" * 8)
-        else:  # drip: the headers at once, then one byte per drip_interval for up to drip_seconds
-            data = json.dumps(body).encode()
-            try:
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
+        else:
+            self._drip(json.dumps(body).encode(), "application/json")
+
+    def _drip(self, data: bytes, content_type: str) -> None:
+        """The headers at once, then one byte per drip_interval for up to drip_seconds, then the rest."""
+        cfg = self.fake.config
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.flush()
+            started, sent = time.monotonic(), 0
+            while sent < len(data) and time.monotonic() - started < cfg.drip_seconds:
+                self.wfile.write(data[sent : sent + 1])
                 self.wfile.flush()
-                started, sent = time.monotonic(), 0
-                while sent < len(data) and time.monotonic() - started < cfg.drip_seconds:
-                    self.wfile.write(data[sent : sent + 1])
-                    self.wfile.flush()
-                    sent += 1
-                    time.sleep(cfg.drip_interval)
-                self.wfile.write(data[sent:])
-                self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                pass
+                sent += 1
+                time.sleep(cfg.drip_interval)
+            self.wfile.write(data[sent:])
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass

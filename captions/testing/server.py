@@ -16,7 +16,7 @@ Hostile servers, as faults and settings: ``drip`` (headers, then one byte per
 ``drip_interval`` s), ``truncated``/``invalid_json`` (status 200, a body that is not JSON),
 ``cut_off`` (200 and a Content-Length, then half the body and the connection closed),
 ``huge_caption`` (a valid answer of ``huge_chars`` characters; ``batch_huge`` for batch
-lines), ``429_huge`` and ``429_huge_message`` (Retry-After 100000 s / "try again in 99999s"),
+lines), ``drip_downloads`` (file contents drip-fed the same way), ``429_huge`` and ``429_huge_message`` (Retry-After 100000 s / "try again in 99999s"),
 ``batch_junk`` (lines in every batch output file that are not a usable record, e.g.
 ``JUNK_LINES``) and ``forget_batches()`` (404 on every batch it knew).
 
@@ -80,6 +80,7 @@ class FakeConfig:
     # Hostile servers (see the module docstring).
     drip_interval: float = 0.2  # seconds between the bytes of a "drip" answer
     drip_seconds: float = 30.0  # then the rest at once (an unbounded client still ends)
+    drip_downloads: bool = False  # file contents (batch output) are drip-fed too
     huge_chars: int = 1_000_000  # characters of a "huge_caption" answer
     huge_retry_after: float = 100000.0  # seconds a "429_huge" answer asks for
     batch_junk: list[str] = field(default_factory=list)  # lines put in every batch output file
