@@ -144,6 +144,9 @@ def test_shape_bomb_is_an_error_row_with_bounded_memory(tmp_path: Path) -> None:
     assert s.processed == 1 and s.errors == 2 and peak < 300e6, peak
     errors = sorted(_vols(tmp_path / "w").dropna(subset=["error"])["error"])
     assert "bomb.nii: header declares" in errors[0] and "bombgz.nii.gz: header declares" in errors[1]
+    # named root-relative, as in source_path: no absolute path (home folder, hospital mount) in a row or log
+    assert errors[0].startswith("bomb.nii: ") and errors[1].startswith("bombgz.nii.gz: "), errors
+    assert not any(str(tmp_path) in line for line in [*errors, *lines]), (errors, lines)
     s, _ = _run(root, tmp_path / "w2", max_voxels=1000)
     assert s.processed == 0 and any("over --max-voxels" in e for e in _vols(tmp_path / "w2")["error"])
 

@@ -79,9 +79,9 @@ class VolumeSpec:
     def safe_text(self, text: str) -> str:
         """``text`` on one line with this spec's real paths replaced by pseudonyms and the
         patient's identifiers, and anything shaped like one, scrubbed (a no-op besides
-        one-lining for plain specs)."""
+        one-lining for plain specs, whose paths show root-relative, as in ``source_path``)."""
         if not self.pseudonymous:
-            return redact(text, [])
+            return redact(text, self._root_prefixes())
         files = [Path(f) for f in (self.series.files if self.series is not None else [])]
         reps: list[tuple[str, str]] = []
         for path, pseudo in [(self.source, self.display_path), *[(f, self.display_path) for f in files],
@@ -98,6 +98,19 @@ class VolumeSpec:
             reps.append((self.rel_path.split("#")[0], self.display_path))
         # header free text may hold identifiers the name fields lack: scrub what looks like one
         return redact(text, reps, (self.scrubber or Scrubber()).with_generic())
+
+
+    def _root_prefixes(self) -> list[tuple[str, str]]:
+        """(``--root`` + "/", "") for a plain spec: its files then read root-relative in any text, so
+        rows and logs carry no absolute path (a home folder, a hospital mount) the manifests lack."""
+        rel = self.rel_path.split("#")[0]
+        if not rel:
+            return []
+        reps = []
+        for variant in {str(self.source), str(Path(self.source).resolve())}:
+            if variant.endswith("/" + rel):
+                reps.append((variant[: -len(rel)], ""))
+        return reps
 
 
 def slug(text: str) -> str:
