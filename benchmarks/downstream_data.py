@@ -6,16 +6,26 @@
   so they share no subject.
 - ``ranked``, ``caption_arm``: the project's path on the pretraining cohort: `curate rank` ->
   `curate caption --provider offline --context labels|metadata` (the release manifest, through the
-  APIs) -> stand-in "CLIP" embeddings (``bench_lesions.standin_embeddings``: no CLIP model runs on
-  CPU in minutes; ``--text-embeddings bow`` replaces its text table by a bag of words).
+  APIs) -> the slice and caption embeddings `train pretrain` reads, by ``--text-embeddings``:
+  ``random`` (default) and ``bow`` write stand-in "CLIP" embeddings
+  (``bench_lesions.standin_embeddings``: an image's is a random projection of its 16x16 thumbnail,
+  a caption's a random vector per distinct caption; ``bow`` replaces the text table by a bag of
+  words); ``clip`` runs the method itself (``clip_embeddings``): `train clip` trains a small CLIP
+  (``training/models/configs/tiny-clip.json``, random init, no hub weights) on that arm's
+  slice-caption pairs (train split; held-out retrieval on val), then `train embed` caches its image
+  and caption embeddings in the arm's store, which `embeddings/latest.json` names, so
+  `train pretrain` (``--embeddings`` unset = latest) aligns to them. Each caption arm trains its own
+  CLIP (200 steps of batch 64: ~2 min of CPU an arm, 3-6 min on the loaded shared machine).
 - ``shuffle_volumes``: the volume-shuffled control: a copy of a caption arm whose manifest pairs
-  every subject's slices (captions, images, embeddings) with another subject's volume.
+  every subject's slices (captions, images, embeddings) with another subject's volume; it links
+  the arm's embedding store (stand-in or CLIP), so it aligns to the same embeddings.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -30,6 +40,13 @@ from curation.slicing.stage import SliceConfig, run_slice
 # doubles them (lesion radii 8-24 mm, shifts up to 12 mm), so that a lesion spans a few voxels of a
 # 32^3 grid (15-120 voxels of 32768); --lesion-scale changes the factor.
 LESION_SCALE = 2.0
+
+# --text-embeddings clip: `train clip` from scratch on the tiny open_clip config (32 px images, 32-token
+# context: a long caption is cut, as open_clip does), then `train embed`. 200 steps of batch 64 (~8 epochs
+# of the 1684 train pairs at --size cpu) and the embedding take ~2 min of CPU.
+TINY_CLIP = Path(__file__).resolve().parents[1] / "training" / "models" / "configs" / "tiny-clip.json"
+CLIP_STEPS, CLIP_BATCH, CLIP_LR = 200, 64, 1e-3
+CLIP_RECORD = "clip_embeddings.json"  # in a caption arm: the CLIP run and the fingerprint of its embeddings
 
 
 def build_cohort(root: Path, prefix: str, subjects: int, seed: int, grid: int, lesion_share: float = 0.5,
@@ -110,14 +127,84 @@ def bow_text_embeddings(w: Path) -> None:
     write_table(w, "standin", "text", [text_key(c) for c in caps], np.stack(vecs))
 
 
+def clip_embeddings(w: Path, steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
+                    device: str = "auto", log=None) -> dict:
+    """`train clip` then `train embed` on release workdir ``w``, through their APIs: a CLIP from the tiny
+    open_clip config (random init, no hub weights) trained on the train split's slice-caption pairs
+    (val: held-out retrieval, logged against chance), then its image and caption embeddings cached in
+    ``w/embeddings/<fingerprint>/``, which ``embeddings/latest.json`` then names (what `train pretrain`
+    reads when ``--embeddings`` is unset). Writes and returns the record ``w/clip_embeddings.json``.
+    ``steps``, ``batch_size``, ``lr``: None = CLIP_STEPS, CLIP_BATCH, CLIP_LR (read at call time)."""
+    import torch
+
+    from training.clip.config import ClipTrainConfig
+    from training.clip.data import read_pairs
+    from training.clip.embed import embed_manifest
+    from training.clip.train import train_clip
+
+    t0 = time.time()
+    steps, batch_size, lr = steps or CLIP_STEPS, batch_size or CLIP_BATCH, lr or CLIP_LR
+    log = log or (lambda msg: print(msg, flush=True))
+    manifest = Path("manifests") / "v1.parquet"
+    n_train = len(read_pairs(w, manifest, "train"))
+    batch = max(2, min(batch_size, n_train))  # a tiny cohort has fewer pairs than one batch
+    precision = "amp" if device != "cpu" and torch.cuda.is_available() else "fp32"  # no "amp needs CUDA" warning
+    res = train_clip(ClipTrainConfig(workdir=w, manifest=manifest, model=str(TINY_CLIP), pretrained=None, steps=steps,
+                                     batch_size=batch, lr=lr, wd=0.1, warmup=max(1, steps // 10), workers=0,
+                                     precision=precision, seed=0, device=device, log_every=max(1, steps // 4),
+                                     progress=False))
+    emb = embed_manifest(w, manifest, res.final_checkpoint, batch_size=256, device=None if device == "auto" else device)
+    if emb.fingerprint != res.fingerprint:
+        raise SystemExit(f"{w}: train embed wrote {emb.fingerprint}, train clip's checkpoint is {res.fingerprint}")
+    base, val = res.base_metrics, res.val_metrics
+    n_texts = int(val.get("n_texts") or 0)
+    chance = {k: min(1.0, k / n_texts) if n_texts else float("nan") for k in (1, 5, 10)}
+    rec = {"fingerprint": emb.fingerprint, "model": emb.model, "config": str(TINY_CLIP),
+           "checkpoint": str(res.final_checkpoint), "steps": res.total_steps, "batch_size": batch, "lr": lr,
+           "train_pairs": n_train, "base": base, "val": val, "chance": {f"R@{k}": v for k, v in chance.items()},
+           "images": emb.images_computed + emb.images_reused, "texts": emb.texts_computed + emb.texts_reused,
+           "dim": emb.dim, "seconds": round(time.time() - t0, 1)}
+    (w / CLIP_RECORD).write_text(json.dumps(rec, indent=1) + "\n")
+
+    def r(m: dict, k: int) -> str:
+        return f"{m.get(f'i2t_R@{k}', float('nan')):.3f}/{m.get(f't2i_R@{k}', float('nan')):.3f}"
+
+    held_out = (f"val ({n_texts} texts) i2t/t2i R@1 {r(base, 1)} -> {r(val, 1)}, R@10 {r(base, 10)} -> {r(val, 10)} "
+                f"(chance {chance[1]:.3f}, {chance[10]:.3f})" if n_texts else "no val split: no held-out retrieval")
+    log(f"[{time.strftime('%H:%M:%S')}]   train clip {w.name}: {res.total_steps} steps x {batch} of {n_train} train "
+        f"pairs; {held_out}; train embed: {rec['images']} images, {rec['texts']} captions -> "
+        f"embeddings/{emb.fingerprint[:12]}; {rec['seconds']:.0f} s")
+    if n_texts and max(val.get("i2t_R@10", 0.0), val.get("t2i_R@10", 0.0)) <= chance[10]:
+        log(f"  WARNING: {w.name}: the CLIP's held-out retrieval is not above chance")
+    return rec
+
+
 def caption_arm(w: Path, dst: Path, context: str, text: str = "random") -> Path:
     """A copy of the ranked workdir ``w`` with its own offline-captioned release (``--context
-    context``) and stand-in embeddings; returns ``dst``."""
+    context``) and its embeddings: stand-ins (``text`` random or bow) or, for ``text`` clip, a CLIP
+    trained and run on this arm's pairs (``clip_embeddings``); returns ``dst``."""
     from captions.options import CaptionOptions
     from captions.release import run_release
 
+    if text == "clip":
+        if not (dst / CLIP_RECORD).exists():
+            if not (dst / "manifests" / "v1.parquet").exists():
+                _copy_for_release(w, dst)
+                run_release(dst, CaptionOptions(provider="offline", context=context))
+            clip_embeddings(dst)
+        return dst
     if (dst / "manifests" / "v1.parquet").exists():
         return dst
+    _copy_for_release(w, dst)
+    # `curate caption --provider offline --context <context>`, through its API
+    run_release(dst, CaptionOptions(provider="offline", context=context))
+    standin_embeddings(dst)
+    if text == "bow":
+        bow_text_embeddings(dst)
+    return dst
+
+
+def _copy_for_release(w: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for p in w.iterdir():
         target = dst / p.name
@@ -127,12 +214,6 @@ def caption_arm(w: Path, dst: Path, context: str, text: str = "random") -> Path:
             shutil.copytree(p, target, symlinks=True)  # rank/caption write under cache/ etc.
         else:
             shutil.copy2(p, target)
-    # `curate caption --provider offline --context <context>`, through its API
-    run_release(dst, CaptionOptions(provider="offline", context=context))
-    standin_embeddings(dst)
-    if text == "bow":
-        bow_text_embeddings(dst)
-    return dst
 
 
 def volume_column(df: pd.DataFrame) -> str:
