@@ -20,7 +20,8 @@ OpenBLAS threads = 1), over the same volumes, so the ratios come from one run on
 - ``nibabel``     : the floor: nibabel.load + np.asarray(img.dataobj) of the same image and
                     label files.
 
-Volumes (generated once into ``--data``, default bench-work/data, git-ignored):
+Volumes (generated once into ``--data``, default bench-work/data, git-ignored; ``--set uneven``:
+12 MR-like 256x256x24 then 4 CT-like 512x512 with 120..360 slices, see slice_data.ensure_uneven):
 CT-like 512x512x48..61 int16 at 0.6-0.8 x 0.6-0.8 x 5 mm (LPS/LAS like dcm2niix output) in an
 MSD task folder (``Task09_Spleen`` with dataset.json modality CT), MR-like 256x256x24 at
 0.9x0.9x6 mm (int16 and float32) and nilearn's MNI152 template at 1 mm, each with a label file.
@@ -30,6 +31,8 @@ Usage (with the project installed, as in ``.venv``)::
     python benchmarks/bench_slice.py                 # full run (8 CT + 7 MR + MNI: 16 volumes)
     python benchmarks/bench_slice.py --quick         # 1 volume of each kind
     python benchmarks/bench_slice.py --workers 2     # add a 2-process row for ours
+    python benchmarks/bench_slice.py --set uneven --methods curate --timeline   # scaling on uneven volumes,
+                                                     # with each process's phases and each worker's volumes
 
 Every row has two times: ``in-proc s``, timed inside the method's process after its imports,
 and ``process s``, the whole process as a user waits for it (interpreter start, imports, work,
@@ -50,8 +53,8 @@ import time
 from pathlib import Path
 
 from proc_stats import TreeRSS, cpu_s, hwm_mb, rss_mb, run_process
-from slice_data import KINDS, describe, ensure_data, volume_pairs
-from slice_profile import child_profile
+from slice_data import KINDS, describe, ensure_data, ensure_uneven, volume_pairs
+from slice_profile import SITECUSTOMIZE, child_profile, fmt_trace, read_trace
 
 REPO = Path(__file__).resolve().parents[1]
 THREAD_ENV = {
@@ -156,7 +159,10 @@ def child_monai(args) -> dict:
 
 def _ours_jobs(set_root: Path) -> list[tuple[str, str, Path]]:
     """(kind, dataset, root): CT as its MSD task (modality CT from dataset.json), MR and MNI as
-    plain NIfTI folders (labels from the sibling ``labels/``; modality guessed: MR)."""
+    plain NIfTI folders (labels from the sibling ``labels/``; modality guessed: MR). The uneven
+    set (MSD task folders only) is one 3dseg8 run."""
+    if not (set_root / "ct" / "Task09_Spleen").is_dir():
+        return [("all", "3dseg8", set_root)]
     return [
         ("ct", "msd", set_root / "ct" / "Task09_Spleen"),
         ("mr", "nifti", set_root / "mr"),
@@ -228,8 +234,11 @@ def child_ours(args) -> dict:
 
 
 def child_prepare(args) -> dict:
-    sets = ensure_data(Path(args.data), log=lambda m: print(m, file=sys.stderr, flush=True))
-    return {"inputs": describe(volume_pairs(sets["quick" if args.quick else "full"]))}
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    sets = ensure_data(Path(args.data), log=log)
+    if args.set == "uneven":
+        sets["uneven"] = ensure_uneven(Path(args.data), log=log)
+    return {"inputs": describe(volume_pairs(sets[args.set]))}
 
 
 CHILDREN = {"prepare": child_prepare, "nibabel": child_nibabel, "monai": child_monai, "ours": child_ours, "profile": child_profile}
@@ -260,15 +269,25 @@ def run_child(method: str, set_root: Path, work: Path, grid: int, workers: int =
     return res
 
 
-def run_curate(set_root: Path, work: Path, grid: int, workers: int, timeout: float = 900) -> dict:
+def run_curate(set_root: Path, work: Path, grid: int, workers: int, timeout: float = 900,
+               timeline: bool = False) -> dict:
     """``curate slice`` over the whole set, as a user runs it (console script, one thread per
-    process), timed from outside; the in-process time is the one its summary prints."""
+    process), timed from outside; the in-process time is the one its summary prints. With
+    ``timeline``, every process of the run traces its phases (`slice_profile.install_trace`)."""
     _fresh(work)
+    env = dict(os.environ, **THREAD_ENV, COLUMNS="200")
+    if timeline:
+        site = work / "trace-site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        env["PYTHONPATH"] = os.pathsep.join([str(site), str(Path(__file__).resolve().parent),
+                                             *filter(None, [os.environ.get("PYTHONPATH")])])
+        env["SLICE_TRACE"] = str(work / "trace.jsonl")
     curate = Path(sys.executable).with_name("curate")
     head = [str(curate)] if curate.exists() else [sys.executable, "-m", "med3dinsight.curate"]
     cmd = [*head, "slice", "--dataset", "3dseg8", "--root", str(set_root), "--workdir", str(work / "w"),
            "--grid-size", str(grid), "--workers", str(workers)]
-    proc = run_process(cmd, REPO, dict(os.environ, **THREAD_ENV, COLUMNS="200"), work / "log", timeout)
+    proc = run_process(cmd, REPO, env, work / "log", timeout)
     if proc["returncode"] != 0:
         raise RuntimeError(f"curate slice failed (exit {proc['returncode']}):\n{proc['stderr'][-4000:]}")
     found = {k: re.search(rf"{k}\D*?(\d+(?:\.\d+)?)", proc["stdout"]) for k in ("processed", "errors", "time")}
@@ -279,6 +298,7 @@ def run_curate(set_root: Path, work: Path, grid: int, workers: int, timeout: flo
         "cpu_s": proc["cpu_s"],
         "command": " ".join(cmd[len(head):]),
         "process": {k: v for k, v in proc.items() if k not in ("stdout", "stderr")},
+        "timeline": read_trace(work / "trace.jsonl") if timeline else None,
     }
 
 
@@ -324,13 +344,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=REPO / "bench-work" / "data", help="volume cache (generated once)")
     ap.add_argument("--work", type=Path, default=REPO / "bench-work" / "runs", help="scratch outputs of each method")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results_slice.json"), help="results JSON ('' for none)")
-    ap.add_argument("--quick", action="store_true", help="1 volume of each kind (smoke run)")
+    ap.add_argument("--quick", action="store_true", help="1 volume of each kind (smoke run; = --set quick)")
+    ap.add_argument("--set", choices=("full", "quick", "uneven"), default=None,
+                    help="volumes: full (16), quick (3), uneven (12 small MR, then 4 CT of 120..360 slices)")
     ap.add_argument("--workers", type=int, default=0, help="also time ours in-process with N worker processes (N >= 2)")
     ap.add_argument("--scaling", type=int, default=2, help="workers of the scaling row, `curate slice --workers N` (0: none)")
     ap.add_argument("--grid", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=1, help="run each method N times, keep the fastest")
     ap.add_argument("--methods", default="nibabel,monai,ours,curate", help="comma list of nibabel, monai, ours, curate")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-stage split of one CT volume")
+    ap.add_argument("--timeline", action="store_true",
+                    help="trace every process of the curate rows (phases, each worker's volumes); print the timeline")
     # internal: one method in a fresh process
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     ap.add_argument("--set-root", help=argparse.SUPPRESS)
@@ -344,10 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # The parent stays small (stdlib only): generating and describing volumes happens in a child.
-    set_name = "quick" if args.quick else "full"
+    set_name = args.set or ("quick" if args.quick else "full")
     set_root = args.data / set_name
     prep = run_child("prepare", set_root, args.work / "prepare", args.grid,
-                     extra=["--data", str(args.data)] + (["--quick"] if args.quick else []))
+                     extra=["--data", str(args.data), "--set", set_name])
     pairs = volume_pairs(set_root)
     inputs = prep["inputs"]
     print(f"volumes ({set_name}): {len(pairs)}")
@@ -375,7 +399,11 @@ def main(argv: list[str] | None = None) -> int:
         reps = []
         for _ in range(max(1, args.repeat)):
             if child == "curate":
-                reps.append(run_curate(set_root, args.work / name, args.grid, workers))
+                reps.append(run_curate(set_root, args.work / name, args.grid, workers, timeline=args.timeline))
+                if args.timeline:
+                    proc = reps[-1]["process"]
+                    print(f"  timeline (s from the command's start; whole process {proc['wall_s']:.2f} s, "
+                          f"CPU {proc['cpu_s']:.2f} s):\n{fmt_trace(reps[-1]['timeline'])}", flush=True)
             else:
                 reps.append(run_child(child, set_root, args.work / name, args.grid, workers))
         row = make_row(name, workers, reps)
@@ -399,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                    "speedup": one["process_s"] / many["process_s"], "one_cpu_s": one["cpu_s"], "many_cpu_s": many["cpu_s"]}
 
     profile = None
-    if not args.no_profile:
+    if not args.no_profile and set_name != "uneven":  # the stage split is of the full set's CT
         print("profiling one CT volume ...", flush=True)
         try:
             profile = run_child("profile", set_root, args.work / "profile", args.grid)

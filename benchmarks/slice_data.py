@@ -12,6 +12,12 @@ from pathlib import Path
 DATA_VERSION = 2
 KINDS = ("ct", "mr", "mni")
 N_FULL = {"ct": 8, "mr": 7, "mni": 1}
+# The uneven set: 12 small MR, then 4 long CT whose slice counts grow to the last (discovery
+# order: Task01 before Task03), the order in which a pool that hands volumes out as found ends
+# with one worker on the largest volume while the other idles.
+UNEVEN_VERSION = 1
+UNEVEN_MR = 12
+UNEVEN_CT_SLICES = (120, 200, 280, 360)
 
 def _nifti(data, affine, path: Path) -> None:
     import nibabel as nib
@@ -24,12 +30,13 @@ def _nifti(data, affine, path: Path) -> None:
     nib.save(img, str(path))
 
 
-def _make_ct(rng, k: int):
+def _make_ct(rng, k: int, nz: int | None = None):
     """A CT-like abdomen: air outside an elliptical body, fat rim, soft tissue, organs, spine,
-    lung bases in the upper slices, a scanner table; int16 HU with noise."""
+    lung bases in the upper slices, a scanner table; int16 HU with noise (``nz`` slices, default
+    48..61 drawn from ``rng``)."""
     import numpy as np
 
-    nz = int(rng.integers(48, 62))
+    nz = int(rng.integers(48, 62)) if nz is None else nz
     sx = float(rng.uniform(0.6, 0.8))
     sz = 5.0
     n = 512
@@ -173,12 +180,48 @@ def ensure_data(data_dir: Path, log=print) -> dict[str, Path]:
     return {"full": full, "quick": quick}
 
 
+def ensure_uneven(data_dir: Path, log=print) -> Path:
+    """Generate the uneven set once (about a minute): ``uneven/Task01_BrainMR`` (12 MR-like
+    256x256x24) and ``uneven/Task03_Liver`` (4 CT-like 512x512 with 120..360 slices), MSD
+    task folders with their dataset.json; return its root."""
+    import numpy as np
+
+    root = data_dir / "uneven"
+    stamp = data_dir / f".complete-uneven-v{UNEVEN_VERSION}"
+    if stamp.exists():
+        return root
+    t0 = time.perf_counter()
+    log(f"generating the uneven benchmark set into {root} (once) ...")
+    if root.exists():
+        shutil.rmtree(root)
+    rng = np.random.default_rng(4321)
+    tasks = (("Task01_BrainMR", "MR", "mr", {"1": "brain", "2": "ventricles"}),
+             ("Task03_Liver", "CT", "liver", {"1": "spleen"}))
+    for task, modality, stem, labels in tasks:
+        folder = root / task
+        n = UNEVEN_MR if modality == "MR" else len(UNEVEN_CT_SLICES)
+        for k in range(n):
+            vol, lab, aff = _make_mr(rng, k) if modality == "MR" else _make_ct(rng, k, UNEVEN_CT_SLICES[k])
+            _nifti(vol, aff, folder / "imagesTr" / f"{stem}_{k:03d}.nii.gz")
+            _nifti(lab, aff, folder / "labelsTr" / f"{stem}_{k:03d}.nii.gz")
+        info = {"name": f"{task} (synthetic, benchmark)", "modality": {"0": modality},
+                "labels": {"0": "background", **labels}}
+        (folder / "dataset.json").write_text(json.dumps(info, indent=1))
+    stamp.write_text(json.dumps({"version": UNEVEN_VERSION}))
+    log(f"generated in {time.perf_counter() - t0:.1f} s")
+    return root
+
+
 def volume_pairs(set_root: Path) -> list[dict]:
-    """(image, label, kind, modality) for every volume of a set, in a fixed order."""
+    """(image, label, kind, modality) for every volume of a set, in a fixed order: the MSD task
+    folders (sorted; kind from their dataset.json), then the ``mr`` and ``mni`` folders."""
     out = []
-    task = set_root / "ct" / "Task09_Spleen"
-    for img in sorted((task / "imagesTr").glob("*.nii.gz")):
-        out.append({"kind": "ct", "modality": "CT", "image": str(img), "label": str(task / "labelsTr" / img.name)})
+    for info in sorted(set_root.glob("*/dataset.json")) + sorted(set_root.glob("ct/*/dataset.json")):
+        task = info.parent
+        modality = json.loads(info.read_text())["modality"]["0"]
+        for img in sorted((task / "imagesTr").glob("*.nii.gz")):
+            out.append({"kind": modality.lower(), "modality": modality, "image": str(img),
+                        "label": str(task / "labelsTr" / img.name)})
     for kind in ("mr", "mni"):
         for img in sorted((set_root / kind / "images").glob("*.nii.gz")):
             out.append({"kind": kind, "modality": "MR", "image": str(img), "label": str(set_root / kind / "labels" / img.name)})

@@ -37,6 +37,12 @@ class Step(Protocol[ItemT, ResultT]):
 class Executor(ABC, Generic[ItemT, ResultT]):
     """Runs a step over work items; subclasses say where (`imap`), the base says what comes back."""
 
+    @property
+    def parallel(self) -> bool:
+        """Whether items run side by side (then the order they are handed out in matters:
+        `curation.slicing.schedule` puts the largest first)."""
+        return True
+
     @abstractmethod
     def imap(self, step: Step[ItemT, ResultT], items: Sequence[ItemT]) -> Iterator[tuple[ItemT, list[ResultT] | BaseException]]:
         """Yield ``(item, results)`` as each item finishes, in any order.
@@ -131,13 +137,23 @@ class LocalExecutor(Executor[ItemT, ResultT]):
     """This machine: in-process in item order for ``workers <= 1``, else a pool of worker
     processes (one thread each, forked from a fork server) yielding items as they complete.
 
+    Items are handed out in the order given, ``2 * workers`` submitted at a time: a worker that
+    finishes takes the next queued item at once, without waiting for this process to handle the
+    result it sent (the caller's ``on_result`` may take a while: `curate slice` imports pandas
+    after the first volume).
+
     A worker that dies (killed for memory, a segfault in a reader) breaks the whole pool; the
-    items it was running are then rerun one at a time, each alone in a fresh pool, so that only
-    the one that dies again comes back as ``(item, exception)``, and the rest goes on.
+    items submitted to it and not finished are then rerun one at a time, each alone in a fresh
+    pool, so that only the one that dies again comes back as ``(item, exception)``, and the rest
+    goes on.
     """
 
     def __init__(self, workers: int = 1) -> None:
         self.workers = workers
+
+    @property
+    def parallel(self) -> bool:
+        return self.workers > 1
 
     def imap(self, step: Step[ItemT, ResultT], items: Sequence[ItemT]) -> Iterator[tuple[ItemT, list[ResultT] | BaseException]]:
         workers = min(self.workers, len(items))  # a shard of one volume starts no pool
@@ -155,8 +171,13 @@ class LocalExecutor(Executor[ItemT, ResultT]):
                     yield item, again[0][1]
 
 
+# Items submitted per worker: the one it runs and the next, so that it never waits for this process.
+QUEUED_PER_WORKER = 2
+
+
 def _pool_run(step: Step, todo: deque, workers: int, ctx: BaseContext) -> Generator[tuple[Any, Any], None, list[tuple[Any, BaseException]]]:
-    """Run ``todo`` on one pool, ``workers`` items in flight; yield ``(item, results)``.
+    """Run ``todo`` on one pool, ``QUEUED_PER_WORKER * workers`` items submitted at a time (one
+    running and one queued per worker); yield ``(item, results)``.
 
     Returns the items in flight when a worker died and broke the pool, with the error (the
     rest of ``todo`` stays for the next pool), or ``[]`` once ``todo`` is done.
@@ -165,7 +186,7 @@ def _pool_run(step: Step, todo: deque, workers: int, ctx: BaseContext) -> Genera
         running: dict[Future, Any] = {}
 
         def fill() -> None:
-            while todo and len(running) < workers:
+            while todo and len(running) < QUEUED_PER_WORKER * workers:
                 item = todo.popleft()
                 running[pool.submit(step, item)] = item
 

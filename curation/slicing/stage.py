@@ -2,7 +2,8 @@
 
 `run_slice` discovers the dataset's volumes, keeps its shard, skips the ones whose "done" marker
 (``record.json``) still matches, hands the rest to an executor running `SliceStep` (the
-per-volume work, `curation.slicing.step`), and assembles ``volumes.parquet`` + ``slices.parquet``
+per-volume work, `curation.slicing.step`; the largest first when they run side by side,
+`curation.slicing.schedule`), and assembles ``volumes.parquet`` + ``slices.parquet``
 from the records (or a shard's manifests, which `merge_shards` combines).
 """
 
@@ -19,6 +20,7 @@ from curation.executors.local import Executor, LocalExecutor
 from curation.privacy.private_map import PrivateMap
 from curation.slicing.resume import Redo, read_record, read_volume_rows, verify_outputs
 from curation.slicing.rows import ROWS_COLUMNS
+from curation.slicing.schedule import largest_first
 from curation.slicing.step import SliceConfig, SliceStep
 from curation.sources.datasets import discover
 from curation.sources.volume_spec import VolumeSpec
@@ -186,6 +188,8 @@ def run_slice(
             on_progress(done, total, spec.display_path)
 
     executor = executor if executor is not None else LocalExecutor(cfg.workers)
+    if getattr(executor, "parallel", True):  # so that the workers finish together; no output depends on it
+        todo = largest_first(todo)
     records.extend(executor.run(step, todo, on_result=collect))
 
     records.sort(key=lambda r: r["volume_id"])

@@ -26,7 +26,6 @@ from curation.slicing.config import PreprocessConfig, SliceConfig  # noqa: F401 
 from curation.slicing.preprocess import guess_modality, preprocess
 from curation.slicing.prestart import WORKER_MODULE
 from curation.slicing.quality import flag_lines, flag_names, nifti_intent, result_flags, source_flags
-from curation.slicing.render import render_volume_slices
 from curation.slicing.resume import done_records
 from curation.slicing.rows import ROWS_VERSION, slice_rows
 from curation.sources.modality import known_subset, normalise_modality
@@ -330,8 +329,10 @@ def _write_volume(wd: Workdir, vdir: Path, rec: dict[str, Any], pre: Any, spec: 
     )
     if rec.get("notes"):
         rec["notes"] = spec.safe_text(rec["notes"])
-    if cfg.render_all:
+    if cfg.render_all:  # imported here: PIL and the manifest schema, on the path of --render-all only
         import pandas as pd
+
+        from curation.slicing.render import render_volume_slices
 
         render_volume_slices(wd.root, rec, pd.DataFrame(rows), size=cfg.render_size)
     # the done marker, written last
