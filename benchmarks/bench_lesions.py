@@ -6,11 +6,15 @@ given a smooth multiplicative bias field, a gamma change and noise, so no two ar
 Lesions: ``--lesions`` per subject, ellipsoids of radius 4-12 mm, contrast +-25-60 % of the
 local intensity (bright or dark), centred at a random voxel of the brain mask; the label
 holds the lesions only (class "lesion"). Then `curate slice` + `curate rank --evaluate`
-for each setting; the table gives the lesion hit rate (a lesion slice among the first k of
-a (volume, plane) pool) for the voter, random's exact expectation and the central slice,
-and the coverage distance in raw-thumbnail space (lower is better).
+for each setting. Like for like: the voter never picks near-empty or edge slices first, so its
+baseline is random k of the same eligible slices (``random_eligible``, exact expectation); random
+over all slices and the central slice are shown too. Per setting and k = 1, 3, 5: the lesion hit
+rate (a lesion slice among the first k of a (volume, plane) pool), the coverage distance in
+raw-thumbnail space (what the voter is for: representative coverage; lower is better) and the
+near-empty share, then the differences voter - random_eligible and voter - central with 95%
+intervals from `curate rank --evaluate`'s bootstrap over subjects; a Markdown table at the end.
 
-    .venv/bin/python benchmarks/bench_lesions.py [--subjects 12] [--lesions 1] [--grid 64]
+    .venv/bin/python benchmarks/bench_lesions.py [--subjects 110] [--lesions 1] [--grid 64] [--json out.json]
 
 ``--pretrain`` instead runs the pretraining ablation of docs/pretraining.md on such a cohort:
 `curate slice`, offline captions of every slice (label context: "... lesion ..." or "no annotated
@@ -82,7 +86,9 @@ def make_subject(t1: np.ndarray, brain: np.ndarray, vox_mm: float, rng: np.rando
     return img.clip(0, None).astype(np.float32), label
 
 
-def build_task(root: Path, subjects: int, lesions: int, seed: int, resolution: int = 2) -> Path:
+def build_task(root: Path, subjects: int, lesions: int, seed: int, resolution: int = 2, prefix: str = "s") -> Path:
+    """An MSD-style task folder of ``subjects`` warped template brains with lesions, cases named
+    ``<prefix>000``, ``<prefix>001``, ... (another prefix and seed give another, disjoint cohort)."""
     from nilearn import datasets as nd
 
     t1img = nd.load_mni152_template(resolution=resolution)
@@ -98,8 +104,8 @@ def build_task(root: Path, subjects: int, lesions: int, seed: int, resolution: i
             nimg = nib.Nifti1Image(arr, t1img.affine)
             nimg.set_qform(t1img.affine, code=1)
             nimg.set_sform(t1img.affine, code=1)
-            nib.save(nimg, str(task / kind / f"s{s:03d}.nii.gz"))
-        training.append({"image": f"./imagesTr/s{s:03d}.nii.gz", "label": f"./labelsTr/s{s:03d}.nii.gz"})
+            nib.save(nimg, str(task / kind / f"{prefix}{s:03d}.nii.gz"))
+        training.append({"image": f"./imagesTr/{prefix}{s:03d}.nii.gz", "label": f"./labelsTr/{prefix}{s:03d}.nii.gz"})
     info = {"name": "Lesions", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "lesion"},
             "training": training}
     (task / "dataset.json").write_text(json.dumps(info))
@@ -166,7 +172,7 @@ def pretrain_ablation(args: argparse.Namespace, root: Path) -> None:
         standin_embeddings(w)
     print(f"{args.subjects} subjects x {args.lesions} lesion(s), grid {args.grid}: cohort, captions, embeddings in "
           f"{time.perf_counter() - t:.0f} s", flush=True)
-    vit = dict(patch_size=8, hidden_size=64, mlp_dim=128, num_layers=2, num_heads=4)
+    vit = {"patch_size": 8, "hidden_size": 64, "mlp_dim": 128, "num_layers": 2, "num_heads": 4}
     out = []
     for name, over in VARIANTS.items():
         t = time.perf_counter()
@@ -197,11 +203,62 @@ def pretrain_ablation(args: argparse.Namespace, root: Path) -> None:
     print("|---" * (len(keys) + 3) + "|")
     for name, r, p, losses, _ in out:
         cells = [" / ".join(f"{r.get(k + s, float('nan')):.3f}" for s in ("", "_blank", "_shuffled")) for k in keys]
-        share = (f"{p.get('between_volume_share', float('nan')):.3f} / {p.get('between_volume_share_init', float('nan')):.3f}"
+        share = (f"{p.get('between_volume_share', float('nan')):.3f} / "
+                 f"{p.get('between_volume_share_init', float('nan')):.3f}"
                  f" ({p.get('between_volume_share_per_token', float('nan')):.3f} / "
                  f"{p.get('between_volume_share_per_token_init', float('nan')):.3f})"
                  + (" collapsed" if p.get("collapsed") else ""))
-        print(f"| {name} | " + " | ".join(cells) + f" | {share} | {np.mean(losses[:10]):.3f} / {np.mean(losses[-10:]):.3f} |")
+        print(f"| {name} | " + " | ".join(cells)
+              + f" | {share} | {np.mean(losses[:10]):.3f} / {np.mean(losses[-10:]):.3f} |")
+
+
+METHODS = ("voter", "random_eligible", "random", "central")
+PAIRS = ("voter-random_eligible", "voter-central")
+
+
+def _diff(res: dict, pair: str, k: int, metric: str) -> str:
+    d = res["differences"][pair][str(k)].get(metric)
+    if d is None:
+        return "-"
+    lo, hi = d["ci95"]
+    star = "*" if lo > 0 or hi < 0 else ""
+    return f"{d['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]{star}"
+
+
+def print_setting(name: str, res: dict, seconds: float) -> None:
+    """The like-for-like table of one setting: lesion hit rate, coverage distance and near-empty
+    share per method and k, then the differences with their subject-bootstrap intervals."""
+    lesion = res["classes"]["lesion"]
+    print(f"\n{name}: {res['n_pools']} pools ({lesion['pools']} with a lesion) from {res['n_subjects']} subjects; "
+          f"eligible slices {res['n_eligible_slices']} of {res['n_slices']}; rank {seconds:.1f} s")
+    print(f"{'k':>2}  {'method':<16} {'lesion hit':>10} {'cover dist':>10} {'near-empty':>10}")
+    for k in res["ks"]:
+        for m in METHODS:
+            row = res["methods"][m][str(k)]
+            print(f"{k:>2}  {m:<16} {lesion[m][str(k)]:>10.3f} {row['coverage_distance']:>10.4f} "
+                  f"{row['near_empty']:>10.3f}")
+        for pair in PAIRS:
+            print(f"{'':>2}  {pair:<22} hit {_diff(res, pair, k, 'hit_rate')}  "
+                  f"cover dist {_diff(res, pair, k, 'coverage_distance')}")
+
+
+def markdown(results: list[tuple[str, dict]]) -> str:
+    """Markdown: per setting and k, hit rate voter / random-eligible / random-all / central,
+    coverage distance voter / random-eligible, and the two differences with 95% intervals."""
+    head = ("| setting | k | lesion hit: voter / random-eligible / random-all / central | voter - random-eligible "
+            "[95% CI] | voter - central [95% CI] | cover dist: voter / random-eligible / central | voter - "
+            "random-eligible cover dist [95% CI] |")
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for name, res in results:
+        lesion, m = res["classes"]["lesion"], res["methods"]
+        for k in res["ks"]:
+            hits = " / ".join(f"{lesion[x][str(k)]:.3f}" for x in METHODS)
+            cover = " / ".join(f"{m[x][str(k)]['coverage_distance']:.4f}"
+                               for x in ("voter", "random_eligible", "central"))
+            lines.append(f"| {name} | {k} | {hits} | {_diff(res, PAIRS[0], k, 'hit_rate')} | "
+                         f"{_diff(res, PAIRS[1], k, 'hit_rate')} | {cover} | "
+                         f"{_diff(res, PAIRS[0], k, 'coverage_distance')} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -211,6 +268,8 @@ def main() -> None:
     ap.add_argument("--grid", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", type=Path, default=None, help="work in this folder (default: a temp one)")
+    ap.add_argument("--json", type=Path, default=None, help="write every setting's evaluation here")
+    ap.add_argument("--default-only", action="store_true", help="rank with the default setting only")
     ap.add_argument("--pretrain", action="store_true", help="run the pretraining ablation instead (docstring)")
     ap.add_argument("--steps", type=int, default=300, help="--pretrain: optimizer steps per variant")
     ap.add_argument("--batch", type=int, default=8, help="--pretrain: batch size")
@@ -227,17 +286,24 @@ def main() -> None:
         run_slice("msd", task, SliceConfig(workdir=w, pre=PreprocessConfig(grid_size=args.grid)), log=lambda *_: None)
         print(f"{args.subjects} subjects x {args.lesions} lesion(s), grid {args.grid}: built and sliced in "
               f"{time.perf_counter() - t:.0f} s")
-        print(f"{'setting':<38} {'k':>2}  {'voter':>6} {'random':>6} {'central':>7}  {'cover_dist v/r':>15}  near-empty")
+        print("hit: a lesion slice among a pool's first k; cover dist: mean cosine distance of a pool's slices to "
+              "the nearest pick, raw 16x16 thumbnails (lower is better); random figures are exact expectations; "
+              "[95% CI]: bootstrap over subjects, * excludes 0")
+        results = []
         for name, over in SETTINGS.items():
+            if args.default_only and over:
+                continue
             s = run_rank(RankConfig(workdir=w, evaluate=True, **over))
             res = s.evaluation
-            lesion = res["classes"]["lesion"]
-            for k in res["ks"]:
-                m = res["methods"]
-                print(f"{name:<38} {k:>2}  {lesion['voter'][str(k)]:>6.3f} {lesion['random'][str(k)]:>6.3f} "
-                      f"{lesion['central'][str(k)]:>7.3f}  {m['voter'][str(k)]['coverage_distance']:>7.4f}/"
-                      f"{m['random'][str(k)]['coverage_distance']:.4f}  {m['voter'][str(k)]['near_empty']:.3f}")
-            print(f"{'':<38} pools with a lesion: {lesion['pools']}, rank time {s.seconds:.1f} s")
+            if set(res["classes"]) != {"lesion"}:  # hit_rate differences pool every class
+                raise SystemExit(f"expected only the lesion class, got {sorted(res['classes'])}")
+            print_setting(name, res, s.seconds)
+            results.append((name, res))
+        print("\n" + markdown(results))
+        print(f"\ntotal {time.perf_counter() - t:.0f} s")
+        if args.json:
+            args.json.write_text(json.dumps({"subjects": args.subjects, "lesions": args.lesions, "grid": args.grid,
+                                             "seed": args.seed, "settings": dict(results)}, indent=1))
 
 
 if __name__ == "__main__":
