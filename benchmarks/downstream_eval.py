@@ -126,7 +126,8 @@ def table(summary: dict, arms: list[str]) -> str:
     lines = ["| evaluation | scratch | " + " | ".join(f"{a} - scratch" for a in arms if a != "scratch") + " |",
              "|---|---|" + "---|" * (len(arms) - 1)]
     for ev, by in summary.items():
-        cells = [f"{by['scratch']['mean']:.3f}"] + [fmt_ci(by[a]["diff"]) for a in arms if a != "scratch"]
+        cells = [f"{by['scratch']['mean']:.3f}"] + [fmt_ci(by[a]["diff"]) if a in by else "-"
+                                                     for a in arms if a != "scratch"]
         lines.append(f"| {ev} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -140,17 +141,17 @@ def contrasts(per_case: dict, arms: list[str]) -> dict:
     out: dict = {}
     for ev, by in per_case.items():
         for a, b in CONTRASTS:
-            if a in arms and b in arms:
+            if a in by and b in by:
                 mean, lo, hi = paired_bootstrap(np.asarray(by[a], float) - np.asarray(by[b], float))
                 out.setdefault(ev, {})[f"{a} - {b}"] = {"mean": mean, "lo": lo, "hi": hi}
     return out
 
 
 def contrast_table(con: dict) -> str:
-    names = list(next(iter(con.values()))) if con else []
+    names = list(dict.fromkeys(n for by in con.values() for n in by))
     lines = ["| evaluation | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for ev, by in con.items():
-        lines.append(f"| {ev} | " + " | ".join(fmt_ci(by[n]) for n in names) + " |")
+        lines.append(f"| {ev} | " + " | ".join(fmt_ci(by[n]) if n in by else "-" for n in names) + " |")
     return "\n".join(lines)
 
 
@@ -168,8 +169,8 @@ def plot(summary: dict, arms: list[str], path: Path, title: str) -> Path:
     y = 32
     colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
     for ev in evs:
-        vals = [summary[ev][a]["diff"] for a in others]
-        span = max(1e-3, max(max(abs(v["lo"]), abs(v["hi"])) for v in vals)) * 1.1
+        vals = [summary[ev][a]["diff"] if a in summary[ev] else None for a in others]
+        span = max(1e-3, max(max(abs(v["lo"]), abs(v["hi"])) for v in vals if v)) * 1.1
         x0 = left + width / 2
 
         def px(v: float, x0: float = x0, span: float = span) -> float:
@@ -179,7 +180,9 @@ def plot(summary: dict, arms: list[str], path: Path, title: str) -> Path:
         d.line([(x0, y), (x0, y + len(others) * row_h)], fill="gray")
         for k, (a, v) in enumerate(zip(others, vals)):
             yy = y + k * row_h + row_h / 2 + 2
-            d.text((30, yy - 6), a, fill=colors[k % len(colors)])
+            d.text((30, yy - 6), a if v else f"{a} (not run)", fill=colors[k % len(colors)])
+            if not v:
+                continue
             d.line([(px(v["lo"]), yy), (px(v["hi"]), yy)], fill=colors[k % len(colors)], width=2)
             d.ellipse([px(v["mean"]) - 3, yy - 3, px(v["mean"]) + 3, yy + 3], fill=colors[k % len(colors)])
         y += len(others) * row_h + 14
@@ -190,12 +193,13 @@ def plot(summary: dict, arms: list[str], path: Path, title: str) -> Path:
 
 def summarize(per_case: dict, arms: list[str]) -> dict:
     """``per_case[eval][arm]`` = (seeds x cases) array (paired: same seeds, same cases across arms)
-    -> ``{eval: {arm: {"mean", "diff": {mean, lo, hi}}}}``."""
+    -> ``{eval: {arm: {"mean", "diff": {mean, lo, hi}}}}``; an arm an evaluation lacks (not
+    fine-tuned) is left out of it."""
     out: dict = {}
     for ev, by in per_case.items():
         base = np.asarray(by["scratch"], float)
         out[ev] = {}
-        for a in arms:
+        for a in (a for a in arms if a in by):
             m = np.asarray(by[a], float)
             mean, lo, hi = paired_bootstrap(m - base) if a != "scratch" else (0.0, 0.0, 0.0)
             out[ev][a] = {"mean": float(m.mean()), "diff": {"mean": mean, "lo": lo, "hi": hi},

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from med3dinsight.common import WorkdirOpt, fail, out
+from med3dinsight.common import WorkdirOpt, fail, out, switch
 from med3dinsight.train_options import main_process, option, parse_kwargs
 from training.finetune.config import FinetuneConfig as C
 from training.loop.errors import TrainingError
@@ -63,6 +63,8 @@ def finetune_cmd(
     encoder_arg: list[str] = typer.Option([], "--encoder-arg", help="Encoder size overrides for --init scratch, KEY=VALUE."),
     img_size: Optional[int] = option(C, "img_size", help="Network input side (default: the init's, else the volumes' grid)."),
     feature_size: int = option(C, "feature_size", help="UNETR decoder width."),
+    batch_dice: bool = switch(C, "batch_dice", "batch-dice", help="seg: the loss's Dice over the whole batch per "
+                              "class (nnU-Net's batch Dice), for small structures that many volumes lack."),
     ckpt_every: int = option(C, "ckpt_every", help="Write step_N.pt every N steps."),
 ) -> None:
     """Downstream fine-tuning: does pretraining help? Scores the release's test subjects.
@@ -80,7 +82,7 @@ def finetune_cmd(
         train_fraction=train_fraction, split_file=split_file, fold=fold, folds=folds, steps=steps, epochs=epochs, stop_after=stop_after, batch_size=batch_size, lr=lr,
         wd=wd, warmup=warmup, grad_clip_norm=grad_clip_norm, precision=precision, workers=workers, resume=resume,
         seed=seed, name=name, encoder_kwargs=parse_kwargs(encoder_arg), img_size=img_size, feature_size=feature_size,
-        log_every=log_every, report_to=report_to, ckpt_every=ckpt_every, device=device,
+        batch_dice=batch_dice, log_every=log_every, report_to=report_to, ckpt_every=ckpt_every, device=device,
     )
     try:
         res = finetune(cfg)

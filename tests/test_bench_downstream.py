@@ -49,8 +49,10 @@ def test_tiny_end_to_end(tmp_path):
     assert list(out["summary"]) == evals
     n_test = len(out["test_cases"])
     assert n_test == size.n_test and len(out["test_lesion"]) == n_test
+    # the probes score every arm; fine-tuning the size's ft_arms (scratch, both caption arms, shuffled)
+    assert out["ft_arms"] == list(size.ft_arms) and "no-psat" not in out["ft_arms"]
     for ev in evals:
-        for a in arms:
+        for a in (arms if ev.startswith("probe") else size.ft_arms):
             cell = out["summary"][ev][a]
             rows = out["per_case"][ev][a]
             seeds = size.pre_seeds if ev.startswith("probe") else size.ft_seeds
@@ -62,6 +64,11 @@ def test_tiny_end_to_end(tmp_path):
                 diff = np.asarray(rows) - np.asarray(out["per_case"][ev]["scratch"])
                 assert d["mean"] == pytest.approx(float(diff.mean()))
     assert "| evaluation | scratch |" in out["table"] and "shuffled - scratch" in out["table"]
+    assert set(out["summary_lesion_cases"]) == {f"finetune n={n}" for n in size.train_sizes}
+    n_lesion = sum(out["test_lesion"])
+    assert all(by["scratch"]["n_cases"] == n_lesion for by in out["summary_lesion_cases"].values())
+    # the collapse probe of every pretraining run is reported
+    assert all(len(ps) == size.pre_seeds and "between_volume_share" in ps[0] for ps in out["pretrain_probe"].values())
     assert png.stat().st_size > 0 and out["command"].startswith("benchmarks/bench_downstream.py")
     # the cohorts are disjoint by subject: no downstream case id or source among the pretraining ones
     from curation.store.manifest import read_manifest

@@ -187,3 +187,26 @@ def test_swin_export_goes_into_swinunetr(workdir: Path, tmp_path: Path):
     assert set(res.metrics["test"]["dice"]) == {"cube", "bar"}
     with pytest.raises(TrainingError, match="multiple of 32 and >= 64"):
         finetune(_cfg(workdir, encoder="swin", encoder_kwargs=tiny, img_size=G))
+
+
+def test_batch_dice_pools_the_batch_and_reaches_the_training_loss(workdir: Path):
+    """FinetuneConfig.batch_dice: the Dice term is the Dice of the batch taken as one volume (nnU-Net's
+    batch Dice), not the mean of per-volume Dice; the option reaches the training loss."""
+    from training.finetune.evaluate import seg_loss
+
+    y = torch.zeros(2, 1, 8, 8, 8)
+    y[0, 0, 2:4, 2:4, 2:4] = 1  # volume 0 has the class, volume 1 lacks it
+    logits = torch.zeros(2, 2, 8, 8, 8)
+    logits[:, 0] = 20.0
+    logits[0, :, 2:4, 2:4, 2:4] = torch.tensor([-20.0, 20.0]).view(2, 1, 1, 1)  # found
+    logits[1, :, 5:7, 5:7, 5:7] = torch.tensor([-20.0, 20.0]).view(2, 1, 1, 1)  # a false positive of 8 voxels
+    one = (logits.permute(1, 0, 2, 3, 4).reshape(1, 2, 16, 8, 8), y.permute(1, 0, 2, 3, 4).reshape(1, 1, 16, 8, 8))
+    pooled = float(seg_loss(batch_dice=True)(logits, y))  # CE is a voxel mean: the same either way
+    assert pooled == pytest.approx(float(seg_loss()(*one)), rel=1e-5)
+    # lesion Dice loss: per volume 0 and 1 (mean 0.5), pooled 1 - 2*8 / (8 + 16) = 1/3; background ~0;
+    # the Dice term averages the two classes, and the cross-entropy is the same in both
+    assert float(seg_loss()(logits, y)) - pooled == pytest.approx((0.5 - 1 / 3) / 2, abs=0.01)
+    from training.finetune.train import Finetuner
+
+    assert Finetuner(_cfg(workdir, name="dice-batch", batch_dice=True)).loss_fn.dice.batch is True
+    assert Finetuner(_cfg(workdir, name="dice-volume")).loss_fn.dice.batch is False

@@ -47,6 +47,7 @@ class FinetuneConfig:
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)  # scratch only
     img_size: int | None = None  # network input side; default: the init's, else the volumes' grid
     feature_size: int = 16  # UNETR decoder width
+    batch_dice: bool = False  # seg: Dice over the whole batch per class (nnU-Net's batch Dice; evaluate.seg_loss)
     log_every: int = 10
     ckpt_every: int = 500
     device: str = "auto"

@@ -152,7 +152,7 @@ class Finetuner:
             load_encoder(self.net, self.spec, self.init)
         self.optimizer = adamw(self.net, cfg.lr, cfg.wd)
         self.scaler = self.precision.grad_scaler()
-        self.loss_fn = seg_loss() if cfg.task == "seg" else torch.nn.CrossEntropyLoss()
+        self.loss_fn = seg_loss(cfg.batch_dice) if cfg.task == "seg" else torch.nn.CrossEntropyLoss()
         self.per_epoch = max(1, len(self.train) // cfg.batch_size)
         self.total = cfg.steps if cfg.steps is not None else cfg.epochs * self.per_epoch
         self.step = 0
