@@ -451,12 +451,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # random init is the design here: silence `train clip`'s and open_clip's warnings about it
-    logging.getLogger("training.clip.train").setLevel(logging.ERROR)
-    logging.getLogger().setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = args.keep or Path(tmp)
-        root.mkdir(parents=True, exist_ok=True)
-        out = run(args, root)
+    # (restored afterwards: a caller in the same process, e.g. a test, keeps its own logging)
+    quiet = [logging.getLogger("training.clip.train"), logging.getLogger()]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = args.keep or Path(tmp)
+            root.mkdir(parents=True, exist_ok=True)
+            out = run(args, root)
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
     log("\n" + table(out))
     log(f"\ntotal {out['seconds']:.0f} s")
     if args.json:
