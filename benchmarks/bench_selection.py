@@ -203,7 +203,7 @@ def train(w: Path, manifest: Path, size: Size, seed: int, lr: float) -> Path:
     cfg = ClipTrainConfig(workdir=w, manifest=manifest, model=str(TINY_CONFIG), steps=size.steps,
                           batch_size=size.batch, lr=lr, wd=0.1, warmup=max(1, size.steps // 10), workers=0,
                           precision="fp32", seed=seed, device="cpu", name=f"seed{seed}",
-                          log_every=max(1, size.steps), progress=False)
+                          log_every=max(1, size.steps), progress=False, save_frequency=0)
     res = train_clip(cfg)
     if res.final_checkpoint is None:
         raise SystemExit(f"{w}: training did not complete")
@@ -373,7 +373,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     "eligible_share": float(rel["slice_id"].isin(elig_ids).mean())}
             ckpt = train(w, manifest, size, seed, args.lr)
             per, point = ho.evaluate(ckpt, seed=seed)
-            for f in ckpt.parent.glob("*.pt"):  # ~13 MB per epoch file, ~300 MB per run: keep final.pt only
+            for f in ckpt.parent.glob("*.pt"):  # no epoch_N.pt (--save-frequency 0); latest.pt goes too
                 if f != ckpt:
                     f.unlink()
             per_slice[arm].append(per)

@@ -152,7 +152,7 @@ def clip_embeddings(w: Path, steps: int | None = None, batch_size: int | None = 
     res = train_clip(ClipTrainConfig(workdir=w, manifest=manifest, model=str(TINY_CLIP), pretrained=None, steps=steps,
                                      batch_size=batch, lr=lr, wd=0.1, warmup=max(1, steps // 10), workers=0,
                                      precision=precision, seed=0, device=device, log_every=max(1, steps // 4),
-                                     progress=False))
+                                     progress=False, save_frequency=0))
     emb = embed_manifest(w, manifest, res.final_checkpoint, batch_size=256, device=None if device == "auto" else device)
     if emb.fingerprint != res.fingerprint:
         raise SystemExit(f"{w}: train embed wrote {emb.fingerprint}, train clip's checkpoint is {res.fingerprint}")

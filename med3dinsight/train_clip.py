@@ -39,6 +39,8 @@ def clip_cmd(
     resume: Optional[str] = option(C, "resume"),
     seed: int = option(C, "seed"),
     log_every: int = option(C, "log_every"),
+    save_frequency: int = option(C, "save_frequency", help="Write epoch_N.pt every N epochs; 0 writes none "
+                                 "(latest.pt and final.pt are always written). As open_clip's flag."),
     report_to: str = option(C, "report_to"),
     device: str = option(C, "device"),
     lock_image: bool = switch(C, "lock_image", "lock-image", "Freeze the image tower."),
@@ -46,7 +48,8 @@ def clip_cmd(
 ) -> None:
     """Fine-tune CLIP (open_clip) on the manifest's train split; recall@1/5/10 on val each epoch.
 
-    Writes checkpoints/clip/[<name>/]{epoch_N,latest,final}.pt; final.pt loads with
+    Writes checkpoints/clip/[<name>/]{epoch_N,latest,final}.pt (epoch_N every --save-frequency
+    epochs); final.pt loads with
     open_clip.create_model_and_transforms(NAME, pretrained="checkpoints/clip/final.pt").
     """
     from training.clip.train import train_clip
@@ -55,7 +58,7 @@ def clip_cmd(
         workdir=workdir, manifest=manifest_path(workdir, manifest), model=model, pretrained=pretrained, steps=steps,
         epochs=epochs, stop_after=stop_after, batch_size=batch_size, lr=lr, wd=wd, warmup=warmup,
         grad_clip_norm=grad_clip_norm, accum_freq=accum_freq, precision=precision, workers=workers, name=name,
-        resume=resume, seed=seed, log_every=log_every, report_to=report_to, device=device, lock_image=lock_image, lock_text=lock_text,
+        resume=resume, seed=seed, log_every=log_every, save_frequency=save_frequency, report_to=report_to, device=device, lock_image=lock_image, lock_text=lock_text,
     )
     try:
         res = train_clip(cfg)

@@ -28,6 +28,7 @@ from training.clip import train as clip_train
 from training.clip.retrieval import dedupe_pairs, recall_at_k
 from training.clip.train import ClipTrainConfig, train_clip, train_step
 from training.loop.checkpoint import save
+from training.loop.errors import TrainingError
 from training.loop.optim import param_groups, warmup_cosine
 from training.loop.precision import Precision
 from training.loop.rng import rng_state, set_rng_state
@@ -171,6 +172,19 @@ def test_final_checkpoint_loads_with_open_clip(trained):
     for k, v in model.state_dict().items():
         assert torch.equal(v, ckpt["state_dict"][k]), k
     assert {f"epoch_{i}.pt" for i in range(1, 6)} <= {p.name for p in (workdir / "checkpoints/clip").iterdir()}
+
+
+def test_save_frequency_thins_the_epoch_checkpoints(tmp_path):
+    make_workdir(tmp_path, CASES, per_plane=2)
+    res = train_clip(tiny_cfg(tmp_path, epochs=4, save_frequency=2, progress=False))
+    names = {p.name for p in (tmp_path / "checkpoints/clip").glob("*.pt")}
+    assert res.completed and names == {"epoch_2.pt", "epoch_4.pt", "latest.pt", "final.pt"}, names
+    none = tmp_path / "none"
+    make_workdir(none, CASES, per_plane=2)
+    train_clip(tiny_cfg(none, epochs=2, save_frequency=0, progress=False))
+    assert {p.name for p in (none / "checkpoints/clip").glob("*.pt")} == {"latest.pt", "final.pt"}
+    with pytest.raises(TrainingError, match="--save-frequency"):
+        train_clip(tiny_cfg(none, save_frequency=-1, progress=False))
 
 
 def test_resume_latest_matches_uninterrupted_run(trained, tmp_path):

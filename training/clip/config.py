@@ -14,7 +14,7 @@ from training.loop.resume import ResumePolicy
 RESUME_POLICY = ResumePolicy(
     adopt=("model",),
     allow=("workdir", "pretrained", "workers", "precision", "resume", "device", "stop_after", "grad_clip_norm", "name",
-           "log_every", "report_to", "progress"),
+           "log_every", "report_to", "progress", "save_frequency"),
 )
 
 
@@ -44,5 +44,6 @@ class ClipTrainConfig:
     grad_clip_norm: float = 0.0  # 0 disables clipping (open_clip's default)
     name: str | None = None  # run folder checkpoints/clip/<name>/; None: checkpoints/clip/
     log_every: int = 10  # a training line every N steps (validation still once per epoch)
+    save_frequency: int = 1  # epoch_N.pt every N epochs; 0: none (open_clip's --save-frequency)
     report_to: str = ""  # tensorboard and/or wandb, comma-separated
     progress: bool = True

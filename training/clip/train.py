@@ -86,6 +86,8 @@ class ClipTrainer:
         self.precision: Precision = resolve_precision(cfg.precision, self.device)
         if cfg.accum_freq < 1:
             raise TrainingError("--accum-freq must be >= 1")
+        if cfg.save_frequency < 0:
+            raise TrainingError("--save-frequency must be >= 0 (0: no epoch_N.pt)")
         seed_all(cfg.seed)
 
         resume_path, state = resolve_resume(cfg.resume, self.dir, CHECKPOINT_FORMAT)
@@ -222,7 +224,8 @@ class ClipTrainer:
                             "seconds": round(time.time() - t_epoch, 2), **val_metrics(self.val_metrics)})
                     log.info("epoch %d/%d step %d/%d loss %.4f lr %.2e val %s", n_epoch, self.epochs, self.step,
                              self.total_steps, loss, lr, recall_line(self.val_metrics))
-                    self.save(self.dir / f"epoch_{n_epoch}.pt", full=False, epoch=n_epoch)
+                    if cfg.save_frequency > 0 and n_epoch % cfg.save_frequency == 0:
+                        self.save(self.dir / f"epoch_{n_epoch}.pt", full=False, epoch=n_epoch)
                     if self.step < stop_at:
                         self.save(self.dir / LATEST, full=True, epoch=n_epoch)
 
