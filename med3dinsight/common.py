@@ -226,7 +226,11 @@ def main(app: typer.Typer) -> None:
         # a usage error (bad option value, missing folder): click's own message and status 2;
         # typer bundles its own click, so the class is typer's, not the click package's
         if any(c.__name__ == "ClickException" for c in type(exc).__mro__) and hasattr(exc, "show"):
-            exc.show()
+            ctx = getattr(exc, "ctx", None)
+            if ctx is not None and hasattr(exc, "format_message"):  # one line, like every other fault
+                say(f"{exc.format_message()} (see `{ctx.command_path} --help`)", "error", "red")
+            else:
+                exc.show()
             raise SystemExit(exc.exit_code) from None
         if debug:
             raise

@@ -121,6 +121,25 @@ def test_plain_help_without_rich_shows_brackets_and_no_escape():
     assert "'med3dinsight[ray]'" in flat and "\\[" not in flat
 
 
+@pytest.mark.parametrize("argv", [
+    ["curate", "slice", "--dataset", "nifti", "--root", ".", "--ct-window", "abc"],
+    ["curate", "slice", "--dataset", "nifti", "--root", ".", "--series-parts", "xyz"],
+    ["curate", "slice", "--dataset", "nifti", "--root", "does-not-exist"],
+    ["train", "finetune", "--bogus"],
+])
+def test_a_bad_flag_is_one_line_naming_it_and_the_help_command(tmp_path, argv):
+    """As the console scripts run (med3dinsight.common.main): a usage error is one line, status 2."""
+    script = (f"import sys; from med3dinsight.{argv[0]} import run; sys.argv = {argv!r}; run()")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, **ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                         timeout=120, check=False)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    flag = next(a for a in reversed(argv) if a.startswith("--"))
+    assert lines[0].startswith("error: ") and flag in lines[0], lines
+    assert f"see `{argv[0]} {argv[1]} --help`" in lines[0] and "Usage:" not in res.stderr + res.stdout
+
+
 def test_flags_take_no_value_and_keep_their_spellings():
     found = set()
     for app_name, name, cmd in _commands():
