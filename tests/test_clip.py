@@ -174,6 +174,22 @@ def test_final_checkpoint_loads_with_open_clip(trained):
     assert {f"epoch_{i}.pt" for i in range(1, 6)} <= {p.name for p in (workdir / "checkpoints/clip").iterdir()}
 
 
+def test_captions_longer_than_the_context_are_counted_and_warned(tmp_path, caplog):
+    from training.clip.data import warn_cut_captions
+
+    register_tiny()
+    tok = open_clip.get_tokenizer("tiny-clip")  # 32-token context
+    long = "an axial slice " + "with a bright rim " * 10
+    assert warn_cut_captions(tok, pd.Series(["an axial slice", long, long]), "train") == (1, 2)
+    assert "1 of 2 distinct train captions" in caplog.text and "32-token context" in caplog.text
+    caplog.clear()
+    assert warn_cut_captions(tok, pd.Series(["an axial slice"]), "train") == (0, 1) and not caplog.text
+    make_workdir(tmp_path, CASES, per_plane=2, caption=lambda plane, case, i: f"an {plane} slice " + "of tissue " * 20)
+    with caplog.at_level(logging.WARNING):
+        train_clip(tiny_cfg(tmp_path, epochs=1, save_frequency=0, progress=False))
+    assert "are cut there" in caplog.text
+
+
 def test_save_frequency_thins_the_epoch_checkpoints(tmp_path):
     make_workdir(tmp_path, CASES, per_plane=2)
     res = train_clip(tiny_cfg(tmp_path, epochs=4, save_frequency=2, progress=False))

@@ -8,6 +8,7 @@ workers, sees exactly the same crops as an uninterrupted one.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Iterator
@@ -34,6 +35,45 @@ def read_pairs(workdir: str | os.PathLike, manifest: str | os.PathLike, split: s
     if split is not None:
         keep &= df["split"] == split
     return df[keep].reset_index(drop=True)
+
+
+log = logging.getLogger(__name__)
+
+MAX_CHECKED = 20_000  # distinct captions measured for the truncation warning (a sample beyond that)
+
+
+def caption_token_count(tokenizer: Callable, text: str) -> int | None:
+    """Tokens ``text`` takes in the model's context, start and end included, before truncation;
+    None for a tokenizer this cannot ask (then nothing is said)."""
+    encode = getattr(tokenizer, "encode", None)  # open_clip's SimpleTokenizer (CLIP BPE)
+    if callable(encode):
+        return len(encode(text)) + 2
+    inner = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer (e.g. BiomedCLIP's BERT)
+    if inner is not None and callable(inner):
+        return len(inner(text)["input_ids"])
+    return None
+
+
+def warn_cut_captions(tokenizer: Callable, captions: "pd.Series", where: str) -> tuple[int, int] | None:
+    """Warn when captions are longer than the text encoder's context: open_clip cuts them there,
+    so the model never reads their ends (GPT-4V-class captions often pass CLIP's 77 tokens).
+    Returns (cut, checked) over distinct captions, or None when the tokenizer cannot say."""
+    context = getattr(tokenizer, "context_length", None)
+    distinct = pd.Series(captions).dropna().astype(str).drop_duplicates()
+    if not context or distinct.empty:
+        return None
+    if len(distinct) > MAX_CHECKED:
+        distinct = distinct.sample(MAX_CHECKED, random_state=0)
+    counts = [caption_token_count(tokenizer, t) for t in distinct]
+    if any(c is None for c in counts):
+        return None
+    cut = sum(c > context for c in counts)
+    if cut:
+        log.warning("%d of %d distinct %s captions (%.0f%%) are longer than the model's %d-token context and "
+                    "are cut there (median %d tokens): their ends are never read; ask for shorter captions "
+                    "(curate caption --prompt-file) or use a model with a longer context",
+                    cut, len(counts), where, 100 * cut / len(counts), context, int(pd.Series(counts).median()))
+    return cut, len(counts)
 
 
 def read_rgb(path: str | os.PathLike) -> Image.Image:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from curation.store.layout import Workdir
 from training.clip.config import RESUME_POLICY, ClipTrainConfig
-from training.clip.data import ClipPairs, EpochSampler, read_pairs
+from training.clip.data import ClipPairs, EpochSampler, read_pairs, warn_cut_captions
 from training.clip.retrieval import evaluate
 from training.loop.accumulate import accumulate_gradients, optimizer_step
 from training.loop.checkpoint import LATEST, config_dict, resolve_resume, save, warn_if_overwriting
@@ -110,6 +110,7 @@ class ClipTrainer:
             self.val_df = read_pairs(self.workdir, cfg.manifest, "val")
         self.cfg, self.clip, self.model = cfg, clip, clip.model
         warn_few_captions(self.train_df["caption"], self.val_df["caption"])
+        warn_cut_captions(clip.tokenizer, self.train_df["caption"], "train")
         if cfg.lock_image:
             self.model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
         if cfg.lock_text:
