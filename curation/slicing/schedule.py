@@ -49,15 +49,12 @@ def volume_cost(spec: VolumeSpec) -> int:
     if spec.error:
         return 0
     if spec.kind == "dicom" and spec.series is not None:
-        series = spec.series
-        frames = max(int(getattr(series, "n_frames", 0) or 0), len(getattr(series, "files", []) or []))
-        return 2 * int(getattr(series, "rows", 0) or 0) * int(getattr(series, "cols", 0) or 0) * frames
+        series = spec.series  # a DicomSeries: geometry from the headers discovery read
+        return 2 * series.rows * series.cols * max(series.n_frames, len(series.files))
     return decoded_bytes(spec.source) + decoded_bytes(spec.label)
 
 
 def largest_first(specs: Sequence[VolumeSpec]) -> list[VolumeSpec]:
     """``specs`` by decreasing `volume_cost`; equal costs keep their order (the sort is stable,
     so the order is the same on every run)."""
-    costs = [volume_cost(s) for s in specs]
-    order = sorted(range(len(specs)), key=lambda i: -costs[i])
-    return [specs[i] for i in order]
+    return sorted(specs, key=volume_cost, reverse=True)  # reverse keeps a stable sort stable

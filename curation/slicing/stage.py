@@ -188,7 +188,7 @@ def run_slice(
             on_progress(done, total, spec.display_path)
 
     executor = executor if executor is not None else LocalExecutor(cfg.workers)
-    if getattr(executor, "parallel", True):  # so that the workers finish together; no output depends on it
+    if executor.parallel:  # so that the workers finish together; no output depends on it
         todo = largest_first(todo)
     records.extend(executor.run(step, todo, on_result=collect))
 
