@@ -86,29 +86,43 @@ def make_subject(t1: np.ndarray, brain: np.ndarray, vox_mm: float, rng: np.rando
     return img.clip(0, None).astype(np.float32), label
 
 
-def build_task(root: Path, subjects: int, lesions: int, seed: int, resolution: int = 2, prefix: str = "s") -> Path:
-    """An MSD-style task folder of ``subjects`` warped template brains with lesions, cases named
-    ``<prefix>000``, ``<prefix>001``, ... (another prefix and seed give another, disjoint cohort)."""
+def load_template(resolution: int = 2) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray]:
+    """nilearn's MNI152 T1 template at ``resolution`` mm: the image, its float32 array, its brain mask."""
     from nilearn import datasets as nd
 
     t1img = nd.load_mni152_template(resolution=resolution)
-    t1 = np.asarray(t1img.dataobj).astype(np.float32)
     brain = np.asarray(nd.load_mni152_brain_mask(resolution=resolution).dataobj) > 0
+    return t1img, np.asarray(t1img.dataobj).astype(np.float32), brain
+
+
+def write_case(task: Path, case: str, img: np.ndarray, lab: np.ndarray, affine: np.ndarray) -> dict[str, str]:
+    """``imagesTr/<case>.nii.gz`` and ``labelsTr/<case>.nii.gz`` of an MSD task; its dataset.json entry."""
+    for kind, arr in (("imagesTr", img), ("labelsTr", lab)):
+        (task / kind).mkdir(parents=True, exist_ok=True)
+        nimg = nib.Nifti1Image(arr, affine)
+        nimg.set_qform(affine, code=1)
+        nimg.set_sform(affine, code=1)
+        nib.save(nimg, str(task / kind / f"{case}.nii.gz"))
+    return {"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"}
+
+
+def write_dataset_json(task: Path, name: str, training: list[dict[str, str]]) -> None:
+    info = {"name": name, "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "lesion"},
+            "training": training}
+    (task / "dataset.json").write_text(json.dumps(info))
+
+
+def build_task(root: Path, subjects: int, lesions: int, seed: int, resolution: int = 2, prefix: str = "s") -> Path:
+    """An MSD-style task folder of ``subjects`` warped template brains with lesions, cases named
+    ``<prefix>000``, ``<prefix>001``, ... (another prefix and seed give another, disjoint cohort)."""
+    t1img, t1, brain = load_template(resolution)
     task = root / "Task97_Lesions"
     rng = np.random.default_rng(seed)
     training = []
     for s in range(subjects):
         img, lab = make_subject(t1, brain, float(resolution), rng, lesions)
-        for kind, arr in (("imagesTr", img), ("labelsTr", lab)):
-            (task / kind).mkdir(parents=True, exist_ok=True)
-            nimg = nib.Nifti1Image(arr, t1img.affine)
-            nimg.set_qform(t1img.affine, code=1)
-            nimg.set_sform(t1img.affine, code=1)
-            nib.save(nimg, str(task / kind / f"{prefix}{s:03d}.nii.gz"))
-        training.append({"image": f"./imagesTr/{prefix}{s:03d}.nii.gz", "label": f"./labelsTr/{prefix}{s:03d}.nii.gz"})
-    info = {"name": "Lesions", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "lesion"},
-            "training": training}
-    (task / "dataset.json").write_text(json.dumps(info))
+        training.append(write_case(task, f"{prefix}{s:03d}", img, lab, t1img.affine))
+    write_dataset_json(task, "Lesions", training)
     return task
 
 

@@ -28,10 +28,9 @@ import shutil
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
-from bench_lesions import make_subject, standin_embeddings
+from bench_lesions import load_template, make_subject, standin_embeddings, write_case, write_dataset_json
 
 from curation.slicing.preprocess import PreprocessConfig
 from curation.slicing.stage import SliceConfig, run_slice
@@ -54,32 +53,19 @@ def build_cohort(root: Path, prefix: str, subjects: int, seed: int, grid: int, l
     """Write ``subjects`` subjects (ids ``<prefix>NNN``) as an MSD task under ``root/data`` and slice
     them into the workdir ``root/w``; returns the workdir. Subject k has a lesion with probability
     ``lesion_share`` (1..max_lesions of them), drawn from ``seed``."""
-    from nilearn import datasets as nd
-
     w = root / "w"
     if (w / "manifests" / "volumes.parquet").exists():
         return w
     res = 2
-    t1img = nd.load_mni152_template(resolution=res)
-    t1 = np.asarray(t1img.dataobj).astype(np.float32)
-    brain = np.asarray(nd.load_mni152_brain_mask(resolution=res).dataobj) > 0
+    t1img, t1, brain = load_template(res)
     task = root / "data" / f"Task96_{prefix}"
     rng = np.random.default_rng(seed)
     training = []
     for s in range(subjects):
         n = int(rng.integers(1, max_lesions + 1)) if rng.random() < lesion_share else 0
         img, lab = make_subject(t1, brain, res / lesion_scale, rng, n)
-        sid = f"{prefix}{s:03d}"
-        for kind, arr in (("imagesTr", img), ("labelsTr", lab)):
-            (task / kind).mkdir(parents=True, exist_ok=True)
-            nimg = nib.Nifti1Image(arr, t1img.affine)
-            nimg.set_qform(t1img.affine, code=1)
-            nimg.set_sform(t1img.affine, code=1)
-            nib.save(nimg, str(task / kind / f"{sid}.nii.gz"))
-        training.append({"image": f"./imagesTr/{sid}.nii.gz", "label": f"./labelsTr/{sid}.nii.gz"})
-    info = {"name": prefix, "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "lesion"},
-            "training": training}
-    (task / "dataset.json").write_text(json.dumps(info))
+        training.append(write_case(task, f"{prefix}{s:03d}", img, lab, t1img.affine))
+    write_dataset_json(task, prefix, training)
     run_slice("msd", task, SliceConfig(workdir=w, pre=PreprocessConfig(grid_size=grid), workers=1), log=lambda *_: None)
     return w
 
